@@ -1,0 +1,5 @@
+import sys
+
+from pijepa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,81 @@
+"""The training loader for map-style datasets: a step-addressed sampler, so that data, augmentation
+and masks are pure functions of (seed, micro-batch index).
+
+Micro-batch index `u = (step * accum + micro) * world + rank` numbers every micro-batch of the run.
+One process with accumulation 2 and two ranks without accumulation see exactly the same batches,
+masks and crops, the number of DataLoader workers changes nothing, and resuming at a step needs no
+state but the step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields, for one rank, the micro-batches `[(u, index), ...]` of steps `start_step..total_steps-1`."""
+
+    def __init__(self, dataset_len: int, batch_size: int, accum: int, world_size: int, rank: int,
+                 start_step: int, total_steps: int, seed: int):
+        self.batch_size, self.accum, self.world, self.rank = batch_size, accum, world_size, rank
+        self.start_step, self.total_steps, self.seed = start_step, total_steps, seed
+        self.micro_per_step = accum * world_size
+        self.steps_per_epoch = dataset_len // (batch_size * self.micro_per_step)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"dataset of {dataset_len} images is smaller than one optimizer step of "
+                             f"{batch_size * self.micro_per_step} images")
+        self._perm_epoch, self._perm = -1, None
+
+    def __len__(self) -> int:
+        return (self.total_steps - self.start_step) * self.accum
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:  # one permutation per epoch, drawn from (seed, epoch)
+            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            n = self.steps_per_epoch * self.micro_per_step * self.batch_size
+            self._perm, self._perm_epoch = torch.randperm(n, generator=g), epoch
+        return self._perm
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per_epoch = self.steps_per_epoch * self.micro_per_step
+        for step in range(self.start_step, self.total_steps):
+            for micro in range(self.accum):
+                u = (step * self.accum + micro) * self.world + self.rank
+                epoch, j = divmod(u, per_epoch)
+                rows = self._permutation(epoch)[j * self.batch_size:(j + 1) * self.batch_size]
+                yield [(u, int(i)) for i in rows]
+
+
+class StepDataset(Dataset):
+    """Wraps a dataset of `(uint8 image, label)`; item `(u, index)` gives `(u, transformed, label)`.
+
+    The transform's randomness is seeded from `(seed, u, index)` inside a forked RNG, so crops do
+    not depend on the worker that makes them and the caller's RNG is left untouched.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable, seed: int):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        u, index = key
+        image, label = self.dataset[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + u) * 1_000_033 + index)
+            image = self.transform(image)
+        return u, image, label
+
+
+def build_step_loader(dataset: Dataset, transform: Callable, collator: Callable, *, batch_size: int,
+                      accum: int, world_size: int, rank: int, start_step: int, total_steps: int,
+                      seed: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    sampler = StepBatchSampler(len(dataset), batch_size, accum, world_size, rank,
+                               start_step, total_steps, seed)
+    return DataLoader(StepDataset(dataset, transform, seed), batch_sampler=sampler, collate_fn=collator,
+                      num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None)

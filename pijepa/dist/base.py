@@ -1,0 +1,119 @@
+"""The Strategy seam: the only place that knows how models are wrapped, stepped and saved.
+
+The trainer talks to a Strategy and never branches on the engine. A strategy
+  - wraps the context encoder and predictor for training and the EMA target for no-grad forwards,
+  - owns the optimizer (DeepSpeed's engine does, so every strategy does),
+  - runs backward with gradient accumulation, clipping and the optimizer step,
+  - updates the EMA target in fp32 on whatever shard of it this rank holds,
+  - saves and loads its own state into a checkpoint folder it is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class JEPAModels:
+    encoder: nn.Module  # context encoder, trained
+    predictor: nn.Module  # narrow predictor, trained
+    target_encoder: nn.Module  # EMA copy of the encoder, never trained by gradients
+
+    def trainable(self) -> list[nn.Module]:
+        return [self.encoder, self.predictor]
+
+
+def param_groups(models: JEPAModels) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weight matrices only, never on biases, norms, positional
+    embeddings or mask tokens (I-JEPA's rule; the positional embeddings are frozen anyway)."""
+    decay, no_decay = [], []
+    for module in models.trainable():
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = p.ndim <= 1 or name.endswith("bias") or "pos_embed" in name or "mask_token" in name
+            (no_decay if skip else decay).append(p)
+    return [{"params": decay, "wd_exclude": False}, {"params": no_decay, "wd_exclude": True, "weight_decay": 0.0}]
+
+
+def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if not group.get("wd_exclude", False):
+            group["weight_decay"] = wd
+
+
+@torch.no_grad()
+def ema_update_(target: list[torch.Tensor], online: list[torch.Tensor], momentum: float) -> None:
+    """target <- m * target + (1 - m) * online, as one fused foreach op over local tensors."""
+    torch._foreach_lerp_(target, online, 1.0 - momentum)
+
+
+class Strategy(ABC):
+    """One process's view of the distributed run."""
+
+    def __init__(self) -> None:
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.device = torch.device("cpu")
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @abstractmethod
+    def setup(self, models: JEPAModels, accum_steps: int, clip_grad: float,
+              optimizer_kwargs: dict[str, Any]) -> JEPAModels:
+        """Wraps the models, builds the optimizer; returns the models to call in the step."""
+
+    @contextlib.contextmanager
+    def micro_step(self, is_last: bool) -> Iterator[None]:
+        """Context for one micro-step's forward and backward; gradient sync only on the last."""
+        yield
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-step's (unscaled) loss; the strategy scales by 1/accum."""
+
+    @abstractmethod
+    def optimizer_step(self, lr: float, weight_decay: float) -> torch.Tensor:
+        """Clips, steps and zeroes the gradients; returns the total gradient norm (a tensor)."""
+
+    @abstractmethod
+    def ema_update(self, momentum: float) -> None:
+        """Moves the target encoder towards the context encoder, in fp32, shard-locally."""
+
+    @abstractmethod
+    def save(self, folder: Path, extra: dict[str, Any]) -> None:
+        """Writes models, target, optimizer and `extra` (step, RNG, ...) into an existing folder."""
+
+    @abstractmethod
+    def load(self, folder: Path) -> dict[str, Any]:
+        """Restores what `save` wrote; returns `extra`."""
+
+    def reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks, for logging (a no-op in one process)."""
+        if self.world_size > 1:
+            tensor = tensor.detach().clone()
+            dist.all_reduce(tensor)  # gloo has no AVG
+            tensor /= self.world_size
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

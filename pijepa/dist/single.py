@@ -1,0 +1,115 @@
+"""One process (CPU or one GPU), and plain DDP: replicated models, one `state.pt` per checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from pijepa.dist.base import JEPAModels, Strategy, ema_update_, param_groups, set_lr_wd
+
+STATE_FILE = "state.pt"
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+class SingleStrategy(Strategy):
+    """Everything in one process; also the base of DDP, which only adds the wrapping."""
+
+    def setup(self, models: JEPAModels, accum_steps: int, clip_grad: float,
+              optimizer_kwargs: dict[str, Any]) -> JEPAModels:
+        self.device = pick_device(self.local_rank)
+        self.accum_steps, self.clip_grad = accum_steps, clip_grad
+        self.models = JEPAModels(*(m.to(self.device) for m in (models.encoder, models.predictor,
+                                                               models.target_encoder)))
+        self.models.target_encoder.requires_grad_(False)
+        self.params = [p for m in self.models.trainable() for p in m.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(param_groups(self.models), **optimizer_kwargs)
+        # EMA pairs by name: the target is a copy of the encoder, so the names match one to one.
+        online = dict(self.models.encoder.named_parameters())
+        self._ema_pairs = [(p, online[n]) for n, p in self.models.target_encoder.named_parameters()
+                           if online[n].requires_grad]
+        return self.wrap(self.models)
+
+    def wrap(self, models: JEPAModels) -> JEPAModels:
+        return models
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum_steps).backward()
+
+    def optimizer_step(self, lr: float, weight_decay: float) -> torch.Tensor:
+        set_lr_wd(self.optimizer, lr, weight_decay)
+        max_norm = self.clip_grad if self.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def ema_update(self, momentum: float) -> None:
+        target, online = zip(*self._ema_pairs)
+        ema_update_(list(target), list(online), momentum)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "encoder": self.models.encoder.state_dict(),
+            "predictor": self.models.predictor.state_dict(),
+            "target_encoder": self.models.target_encoder.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def save(self, folder: Path, extra: dict[str, Any]) -> None:
+        if self.is_main:
+            torch.save({"format": "pijepa-checkpoint-v1", **self.state(), "extra": extra},
+                       folder / STATE_FILE)
+        self.barrier()
+
+    def load(self, folder: Path) -> dict[str, Any]:
+        path = folder / STATE_FILE
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != "pijepa-checkpoint-v1":
+            raise ValueError(f"{path}: not a pijepa checkpoint (expected format pijepa-checkpoint-v1)")
+        for name in ("encoder", "predictor", "target_encoder"):
+            try:
+                getattr(self.models, name).load_state_dict(state[name])
+            except RuntimeError as e:
+                raise ValueError(f"{path}: {name} does not match this run's architecture: {e}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["extra"]
+
+
+class DDPStrategy(SingleStrategy):
+    """Replicated encoder and predictor under DistributedDataParallel; the target is replicated and
+    updated identically on every rank, so it needs no communication."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise RuntimeError("dist.strategy ddp needs a distributed launch (torchrun sets RANK, "
+                               "WORLD_SIZE, MASTER_ADDR, MASTER_PORT); run it under torchrun")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+
+    def wrap(self, models: JEPAModels) -> JEPAModels:
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self._ddp = [DistributedDataParallel(m, device_ids=ids) for m in models.trainable()]
+        return JEPAModels(self._ddp[0], self._ddp[1], models.target_encoder)
+
+    @contextlib.contextmanager
+    def micro_step(self, is_last: bool) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            if not is_last:  # no gradient all-reduce on non-final micro-steps
+                for m in self._ddp:
+                    stack.enter_context(m.no_sync())
+            yield

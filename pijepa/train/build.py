@@ -1,0 +1,83 @@
+"""Small builders from the config: models, loss, dataset, collator, loader."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from pijepa.config import Config
+from pijepa.data.folder import image_folder
+from pijepa.data.loader import build_step_loader
+from pijepa.data.synthetic import SyntheticShapes
+from pijepa.data.transforms import build_train_transform
+from pijepa.dist.base import JEPAModels
+from pijepa.losses import build_loss
+from pijepa.masks import MultiBlockMaskCollator
+from pijepa.models import build_encoder, build_predictor
+
+
+def build_models(cfg: Config) -> JEPAModels:
+    """Encoder, predictor and an exact copy of the encoder as EMA target (same init, same seed)."""
+    torch.manual_seed(cfg.meta.seed)
+    encoder = build_encoder(cfg.meta.model_name, patch_size=cfg.mask.patch_size,
+                            img_size=cfg.data.crop_size, attn_backend=cfg.meta.attn_backend)
+    predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim)
+    target = copy.deepcopy(encoder)
+    target.requires_grad_(False)
+    return JEPAModels(encoder, predictor, target)
+
+
+def build_loss_fn(cfg: Config):
+    o = cfg.optimization
+    return build_loss(o.loss_function, grouping=o.pkt_grouping, chunk_size=o.pkt_chunk_size,
+                      l2_weight=o.l2_weight, pkt_weight=o.pkt_weight, fused=o.fused_loss)
+
+
+def build_collator(cfg: Config) -> MultiBlockMaskCollator:
+    k = cfg.mask
+    return MultiBlockMaskCollator(
+        input_size=cfg.data.crop_size, patch_size=k.patch_size, enc_mask_scale=k.enc_mask_scale,
+        pred_mask_scale=k.pred_mask_scale, aspect_ratio=k.aspect_ratio, nenc=k.num_enc_masks,
+        npred=k.num_pred_masks, min_keep=k.min_keep, allow_overlap=k.allow_overlap,
+        placement=k.placement, seed=cfg.meta.seed)
+
+
+def build_dataset(cfg: Config) -> Dataset:
+    d = cfg.data
+    if d.dataset == "synthetic":
+        # Rendered a little larger than the crop so that RandomResizedCrop has pixels to resample.
+        return SyntheticShapes(d.synthetic_images, d.synthetic_classes,
+                               image_size=max(d.crop_size, round(d.crop_size * 1.25)), seed=cfg.meta.seed)
+    if d.dataset == "folder":
+        return image_folder(Path(d.root_path) / d.image_folder)
+    raise ValueError(f"data.dataset {d.dataset!r} has no map-style loader")
+
+
+def build_train_loader(cfg: Config, dataset: Dataset, *, accum: int, world_size: int, rank: int,
+                       start_step: int, total_steps: int, pin_memory: bool):
+    d = cfg.data
+    transform = build_train_transform(d.crop_size, d.crop_scale, d.use_horizontal_flip,
+                                      d.use_color_distortion, d.color_jitter_strength, d.use_gaussian_blur)
+    return build_step_loader(dataset, transform, build_collator(cfg), batch_size=d.batch_size,
+                             accum=accum, world_size=world_size, rank=rank, start_step=start_step,
+                             total_steps=total_steps, seed=cfg.meta.seed, num_workers=d.num_workers,
+                             pin_memory=pin_memory)
+
+
+def steps_per_epoch(dataset_len: int, global_batch: int) -> int:
+    return dataset_len // global_batch
+
+
+def accumulation_steps(cfg: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step so that batch_size x accum x world = global_batch_size."""
+    per_step = cfg.data.batch_size * world_size
+    if not cfg.data.global_batch_size:
+        return 1
+    if cfg.data.global_batch_size % per_step:
+        raise ValueError(
+            f"data.global_batch_size {cfg.data.global_batch_size} is not a multiple of data.batch_size "
+            f"{cfg.data.batch_size} x {world_size} ranks = {per_step}")
+    return cfg.data.global_batch_size // per_step

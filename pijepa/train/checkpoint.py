@@ -1,0 +1,83 @@
+"""Run-folder checkpoints: `checkpoints/step_XXXXXXXX/`, written atomically, newest K kept.
+
+A checkpoint is first written to `step_XXXXXXXX.tmp/` (by every rank, in whatever form the
+strategy uses) and renamed by rank 0 once all ranks are done, so an interrupted save never
+replaces a good checkpoint; `latest` names the newest complete one.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pijepa.dist.base import Strategy
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def rng_state() -> dict[str, Any]:
+    # numpy's key becomes a tensor so that the checkpoint loads with weights_only=True.
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
+    state = {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np_state = dict(state["numpy"], state=dict(state["numpy"]["state"]))
+    np_state["state"]["key"] = np_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, strategy: Strategy, keep: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.strategy, self.keep = strategy, keep
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoint folders, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, step: int, extra: dict[str, Any]) -> Path:
+        final = self.root / f"step_{step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.strategy.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.strategy.barrier()
+        self.strategy.save(tmp, extra)
+        self.strategy.barrier()
+        if self.strategy.is_main:
+            if final.exists():  # a re-run of the same step after a resume: replace it
+                shutil.rmtree(final)
+            tmp.rename(final)
+            (self.root / "latest.tmp").write_text(final.name + "\n")
+            (self.root / "latest.tmp").replace(self.root / "latest")
+            for old in self.complete()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.strategy.barrier()
+        return final
+
+    def load(self, folder: Path) -> dict[str, Any]:
+        extra = self.strategy.load(folder)
+        set_rng_state(extra["rng"])
+        return extra
