@@ -22,6 +22,8 @@ PKT_GROUPINGS = ("chunk", "image", "block")
 ATTN_BACKENDS = ("sdpa", "math", "xformers")
 DATASETS = ("synthetic", "folder", "webdataset")
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
+FSDP_SHARDINGS = ("full", "grad_op", "hybrid")
+AC_MODES = ("none", "full", "selective")
 MASK_PLACEMENTS = ("full", "original")
 
 
@@ -109,6 +111,17 @@ class LoggingConfig:
 @dataclass
 class DistConfig:
     strategy: str = "single"  # single | ddp | fsdp | deepspeed
+    # FSDP2 (fully_shard): full = reshard after forward (ZeRO-3 like); grad_op = keep parameters
+    # unsharded between forward and backward (ZeRO-2 like); hybrid = shard within a node,
+    # replicate across nodes over a 2-D mesh of hybrid_shard_size ranks per shard group.
+    fsdp_sharding: str = "full"  # full | grad_op | hybrid
+    hybrid_shard_size: int = 0  # ranks per shard group for hybrid; 0 = ranks per node (LOCAL_WORLD_SIZE)
+    activation_checkpointing: str = "none"  # none | full | selective (every ac_every-th block)
+    ac_every: int = 2
+    compile: bool = False  # torch.compile each transformer block
+    async_checkpoint: bool = False  # FSDP: torch.distributed.checkpoint.async_save
+    deepspeed_config: str = "ds_configs/zero2_bf16.json"  # DeepSpeed JSON; batch keys come from data.*
+    zero_stage: int = -1  # overrides the JSON's zero_optimization.stage when >= 0
 
 
 @dataclass
@@ -313,7 +326,15 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     positive("logging.log_freq", lg.log_freq)
     positive("logging.checkpoint_freq", lg.checkpoint_freq)
     positive("logging.keep_checkpoints", lg.keep_checkpoints)
-    choice("dist.strategy", cfg.dist.strategy, STRATEGIES)
+    t = cfg.dist
+    choice("dist.strategy", t.strategy, STRATEGIES)
+    choice("dist.fsdp_sharding", t.fsdp_sharding, FSDP_SHARDINGS)
+    choice("dist.activation_checkpointing", t.activation_checkpointing, AC_MODES)
+    positive("dist.ac_every", t.ac_every)
+    if t.hybrid_shard_size < 0:
+        fail("dist.hybrid_shard_size", t.hybrid_shard_size, "0 (ranks per node) or a positive divisor of the world size")
+    if t.zero_stage not in (-1, 0, 1, 2, 3):
+        fail("dist.zero_stage", t.zero_stage, "-1 (use the JSON's stage), 0, 1, 2 or 3")
 
 
 def dump_config(cfg: Config, path: Path) -> None:

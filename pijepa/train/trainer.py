@@ -149,7 +149,7 @@ class Trainer:
 
 
 def _format_line(step: int, total: int, scalars: dict[str, float]) -> str:
-    parts = " ".join(f"{k[5:]}={v:.4f}" for k, v in scalars.items() if k.startswith("loss_"))
+    parts = " ".join(f"{k[5:]}={v:.4g}" for k, v in scalars.items() if k.startswith("loss_"))
     return (f"step {step}/{total} loss={scalars['loss']:.4f} {parts} lr={scalars['lr']:.2e} "
             f"grad_norm={scalars['grad_norm']:.3f} {scalars['images_per_s']:.1f} img/s "
             f"{scalars['step_time_s']:.3f} s/step mem={scalars['peak_memory_mb']:.0f}MB")
