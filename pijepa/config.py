@@ -200,7 +200,7 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ConfigError(
-            f"{source}: unknown key {prefix}{unknown[0]!r}; allowed keys in {where}: "
+            f"{source}: unknown key '{prefix}{unknown[0]}'; allowed keys in {where}: "
             + ", ".join(sorted(names))
         )
     kwargs = {}
