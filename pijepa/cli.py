@@ -21,6 +21,14 @@ def _train(args: argparse.Namespace) -> None:
         trainer.close()
 
 
+def _shards_write(args: argparse.Namespace) -> None:
+    from pijepa.data.shards import run_shards_write
+
+    code = run_shards_write(args)
+    if code:
+        raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pijepa", description="Probabilistic I-JEPA pretraining and evaluation")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -30,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value; repeatable")
     train.set_defaults(run=_train)
+
+    shards = commands.add_parser("shards", help="WebDataset shards: write from ImageFolder trees or per-class tars")
+    shards_commands = shards.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
+    write = shards_commands.add_parser("write", help="convert images to shuffled WebDataset shards + shards.json")
+    from pijepa.data.shards import add_shards_arguments
+    add_shards_arguments(write)
+    write.set_defaults(run=_shards_write)
     return parser
 
 

@@ -321,6 +321,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("optimization.warmup", o.warmup, f"at most optimization.epochs ({o.epochs})")
     choice("optimization.loss_function", o.loss_function, LOSS_NAMES)
     choice("optimization.pkt_grouping", o.pkt_grouping, PKT_GROUPINGS)
+    if o.loss_function == "L2_PKT_chunks" and o.pkt_grouping != "chunk":
+        fail("optimization.pkt_grouping", o.pkt_grouping, "chunk with loss_function L2_PKT_chunks")
     if o.pkt_chunk_size < 2:
         fail("optimization.pkt_chunk_size", o.pkt_chunk_size, "2 or more rows")
     positive("logging.log_freq", lg.log_freq)

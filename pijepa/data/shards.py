@@ -47,8 +47,9 @@ of the original bytes; re-encoding or skipped files make a shard a little smalle
 are written in parallel, each whole by one worker, and the result does not depend on ``workers``.
 The shards are written with webdataset's ``TarWriter`` (one per shard: ``ShardWriter`` decides
 boundaries itself, sequentially, and writes the final names directly), which is reproducible once
-``mtime`` is fixed: it sorts each sample's keys, uses USTAR headers with uid/gid 0 and takes mode
-and user/group names from its arguments -- all fixed below. Reruns are byte-identical.
+``mtime`` is fixed: it sorts each sample's keys, writes tarfile's default POSIX (pax) headers with
+uid/gid 0 (its ``format`` argument is not passed on to tarfile) and takes mode and user/group names
+from its arguments -- all fixed below. Reruns are byte-identical.
 
 Resume: each shard is written to ``name.tar.tmp`` then renamed, and its record goes to
 ``parts/``. A rerun with the same settings and unchanged sources skips shards whose file and record
@@ -87,7 +88,7 @@ LAYOUTS = "per-class tars (SRC/<class>.tar holding image files) or an ImageFolde
 # Fixed tar metadata: this is what makes reruns byte-identical (TarWriter's default mtime is now()).
 TAR_MTIME, TAR_MODE, TAR_USER = 0, 0o444, "pijepa"
 TAR_BLOCK, TAR_RECORD = 512, 10240
-MAX_KEY_LEN = 80  # keeps "<key>.json" inside a single 100-byte USTAR name field
+MAX_KEY_LEN = 80  # "<key>.json" fits one 100-byte name field: no extra pax header, exact size estimates
 
 
 class ShardsError(ValueError):
@@ -517,6 +518,55 @@ def _validate(samples_per_shard: int | None, max_shard_bytes: int, workers: int,
         raise ShardsError(f"prefix {prefix!r} must be a plain file-name prefix ([A-Za-z0-9_.-])")
 
 
+def _scan(sources: Sequence[Path], layouts: Sequence[str], pool: Any, progress: bool) -> tuple[list[Entry], list[str], list[dict]]:
+    """All images in listing order (sources, classes, files sorted), the class names, the strays."""
+    jobs, skipped = [], []
+    for src, layout in zip(sources, layouts):
+        src_jobs, stray = _class_jobs(src, layout)
+        jobs += src_jobs
+        skipped += stray
+    entries: list[Entry] = []
+    bar = tqdm(_imap(pool, scan_container, jobs), total=len(jobs), desc="scanning", unit="class", disable=not progress)
+    for found, not_images in bar:
+        entries += found
+        skipped += not_images
+    if not entries:
+        raise ShardsError(f"no images found in {', '.join(map(str, sources))}")
+    return entries, sorted({job[2] for job in jobs}), skipped
+
+
+def plan_tasks(entries: Sequence[Entry], classes: Sequence[str], out: Path, *, seed: int, samples_per_shard: int | None,
+               max_shard_bytes: int, reencode: bool, prefix: str) -> list[ShardTask]:
+    """The whole assignment of samples to shards, fixed before anything is written."""
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    keys = unique_keys(entries)
+    order = np.random.default_rng(seed).permutation(len(entries))
+    shuffled = [(entries[i], keys[i], class_to_idx[entries[i].class_name]) for i in order]
+    sizes = [sample_tar_bytes(e.size, len(sample_json(e, c)), len(str(c))) for e, _, c in shuffled]
+    tasks, start = [], 0
+    for i, n in enumerate(shard_counts(sizes, samples_per_shard, max_shard_bytes)):
+        chunk = shuffled[start : start + n]
+        tasks.append(ShardTask(str(out), f"{prefix}-{i:06d}.tar", shard_digest(chunk), reencode, chunk))
+        start += n
+    return tasks
+
+
+def _write_pending(out: Path, tasks: Sequence[ShardTask], resuming: bool, pool: Any, progress: bool) -> list[dict]:
+    """Write the shards not already done; return every shard's record, in shard order."""
+    records = {t.name: _load_done_record(out, t.name, t.digest) for t in tasks} if resuming else {}
+    todo = [t for t in tasks if records.get(t.name) is None]
+    if todo:
+        (out / INDEX_NAME).unlink(missing_ok=True)  # the index exists only for a complete set
+    if resuming:
+        print(f"pijepa shards: resuming in {out}: {len(tasks) - len(todo)} of {len(tasks)} shards already written")
+    planned = {t.name: len(t.samples) for t in todo}
+    with tqdm(total=sum(planned.values()), desc="writing shards", unit="img", disable=not progress) as bar:
+        for record in _imap(pool, write_shard, todo, ordered=False):
+            records[record["name"]] = record
+            bar.update(planned[record["name"]])
+    return [records[t.name] for t in tasks]
+
+
 def write_shards(
     src: list[Path] | Path,
     out: Path,
@@ -536,77 +586,40 @@ def write_shards(
     out = Path(out).expanduser().resolve()
     if out in sources or any(s in out.parents for s in sources):
         raise ShardsError(f"--out {out} must not be inside a source folder")
+    settings = {"sources": [str(s) for s in sources], "samples_per_shard": samples_per_shard,
+                "max_shard_bytes": max_shard_bytes, "seed": seed, "reencode": reencode, "prefix": prefix}
 
-    jobs, stray = [], []
-    for s, layout in zip(sources, layouts):
-        j, st = _class_jobs(s, layout)
-        jobs, stray = jobs + j, stray + st
     pool = _pool(workers)  # created before any tqdm thread exists (fork safety)
     try:
-        entries: list[Entry] = []
-        scan_skipped = list(stray)
-        for found, skipped in tqdm(_imap(pool, scan_container, jobs), total=len(jobs), desc="scanning",
-                                   unit="class", disable=not progress):
-            entries += found
-            scan_skipped += skipped
-        if not entries:
-            raise ShardsError(f"no images found in {', '.join(map(str, sources))}")
-        classes = sorted({j[2] for j in jobs})
-        class_to_idx = {c: i for i, c in enumerate(classes)}
-        keys = unique_keys(entries)
-        order = np.random.default_rng(seed).permutation(len(entries))
-        shuffled = [(entries[i], keys[i], class_to_idx[entries[i].class_name]) for i in order]
-        sizes = [sample_tar_bytes(e.size, len(sample_json(e, c)), len(str(c))) for e, _, c in shuffled]
-        counts = shard_counts(sizes, samples_per_shard, max_shard_bytes)
-
-        tasks, start = [], 0
-        for i, n in enumerate(counts):
-            chunk = shuffled[start : start + n]
-            tasks.append(ShardTask(str(out), f"{prefix}-{i:06d}.tar", shard_digest(chunk), reencode, chunk))
-            start += n
-        settings = {"sources": [str(s) for s in sources], "samples_per_shard": samples_per_shard,
-                    "max_shard_bytes": max_shard_bytes, "seed": seed, "reencode": reencode, "prefix": prefix}
+        entries, classes, scan_skipped = _scan(sources, layouts, pool, progress)
+        tasks = plan_tasks(entries, classes, out, seed=seed, samples_per_shard=samples_per_shard,
+                           max_shard_bytes=max_shard_bytes, reencode=reencode, prefix=prefix)
         plan = {"format": PLAN_FORMAT, "settings": settings,
                 "listing_sha256": listing_fingerprint(entries, classes, scan_skipped),
                 "num_samples_planned": len(entries),
                 "shards": [{"name": t.name, "num_samples": len(t.samples), "digest": t.digest} for t in tasks]}
-
+        del entries  # the tasks hold what is needed; ImageNet-22K listings are large
         out.mkdir(parents=True, exist_ok=True)
         resuming = _check_plan(out, plan, prefix)
         (out / PARTS_DIR).mkdir(exist_ok=True)
         _write_json_atomic(out / PLAN_NAME, plan)
-        records = {t.name: _load_done_record(out, t.name, t.digest) for t in tasks} if resuming else {}
-        todo = [t for t in tasks if records.get(t.name) is None]
-        if todo:
-            (out / INDEX_NAME).unlink(missing_ok=True)  # the index exists only for a complete set
-        if resuming:
-            print(f"pijepa shards: resuming in {out}: {len(tasks) - len(todo)} of {len(tasks)} shards already written")
-        planned = {t.name: len(t.samples) for t in todo}
-        bar = tqdm(total=sum(planned.values()), desc="writing shards", unit="img", disable=not progress)
-        with bar:
-            for record in _imap(pool, write_shard, todo, ordered=False):
-                records[record["name"]] = record
-                bar.update(planned[record["name"]])
+        records = _write_pending(out, tasks, resuming, pool, progress)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
 
-    ordered = [records[t.name] for t in tasks]
-    skipped = scan_skipped + [s for r in ordered for s in r["skipped"]]
-    transcoded = [s for r in ordered for s in r["transcoded"]]
+    skipped = scan_skipped + [s for r in records for s in r["skipped"]]
+    transcoded = [s for r in records for s in r["transcoded"]]
     index = {
         "format": INDEX_FORMAT,
-        "shards": [{"name": r["name"], "num_samples": r["num_samples"], "bytes": r["bytes"], "sha256": r["sha256"]} for r in ordered],
+        "shards": [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")} for r in records],
         "classes": classes,
-        "class_to_idx": class_to_idx,
-        "num_samples": sum(r["num_samples"] for r in ordered),
+        "class_to_idx": {c: i for i, c in enumerate(classes)},
+        "num_samples": sum(r["num_samples"] for r in records),
         "num_classes": len(classes),
         "seed": seed,
-        "prefix": prefix,
-        "samples_per_shard": samples_per_shard,
-        "max_shard_bytes": max_shard_bytes,
-        "reencode": reencode,
+        **{k: settings[k] for k in ("prefix", "samples_per_shard", "max_shard_bytes", "reencode")},
         "sources": [{"path": str(s), "layout": layout} for s, layout in zip(sources, layouts)],
         "skipped": len(skipped),
         "transcoded": len(transcoded),
@@ -614,10 +627,9 @@ def write_shards(
     _write_json_atomic(out / SKIPPED_NAME, skipped)
     _write_json_atomic(out / TRANSCODED_NAME, transcoded)
     _write_json_atomic(out / INDEX_NAME, index)  # last: its presence marks a complete conversion
-    total_gb = sum(r["bytes"] for r in ordered) / 1e9
-    print(f"pijepa shards: wrote {index['num_samples']} images of {len(classes)} classes in {len(ordered)} shards "
-          f"({total_gb:.2f} GB) to {out}; skipped {len(skipped)} (listed in {out / SKIPPED_NAME}); "
-          f"transcoded {len(transcoded)} non-JPEG")
+    print(f"pijepa shards: wrote {index['num_samples']} images of {len(classes)} classes in {len(records)} shards "
+          f"({sum(r['bytes'] for r in records) / 1e9:.2f} GB) to {out}; skipped {len(skipped)} "
+          f"(listed in {out / SKIPPED_NAME}); transcoded {len(transcoded)} non-JPEG")
     return index
 
 
