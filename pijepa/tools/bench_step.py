@@ -1,0 +1,302 @@
+"""`pijepa bench step | loss | masks`: measured speed, as ratios to a baseline timed in the same run.
+
+`bench step` times the full training step (target forward, context forward, predictor, loss,
+backward, AdamW, EMA update) for several variants and reports images/s, step time, analytic FLOPs,
+model FLOP utilisation against a matmul peak measured on the same device in the same dtype, and
+peak memory. The baseline is the straightforward design of the original code: explicit softmax
+attention (`math`) and the plain loss (gather, then PKT chunk by chunk in a Python loop).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pijepa.dist.base import ema_update_, param_groups
+from pijepa.losses import build_loss
+from pijepa.masks import MultiBlockMaskCollator
+from pijepa.masks.reference import ReferenceMaskCollator
+from pijepa.models import build_encoder, build_predictor
+from pijepa.models.attention import set_attn_backend
+from pijepa.dist.base import JEPAModels
+
+# ---------------------------------------------------------------- measurement helpers
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Wall-clock seconds of each timed call, after `warmup` untimed ones (device synchronised)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None) -> float:
+    """FLOP/s of a large square matmul in `dtype`: the ceiling MFU is measured against."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = time_calls(lambda: a @ b, device, warmup=2, repeats=5 if device.type == "cpu" else 20)
+    return 2 * size**3 / statistics.median(times)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:  # Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ---------------------------------------------------------------- analytic FLOPs
+
+
+def transformer_flops(tokens: int, seqs: int, width: int, depth: int, mlp_hidden: int) -> float:
+    """Forward matmul FLOPs of `depth` pre-norm blocks over `seqs` sequences of `tokens` tokens."""
+    linear = 2 * tokens * (3 * width * width + width * width + 2 * width * mlp_hidden)
+    attention = 2 * 2 * tokens * tokens * width  # q k^T and attn v
+    return seqs * depth * (linear + attention)
+
+
+def step_flops(encoder, predictor, batch: int, n_ctx: int, n_tgt: int, num_targets: int,
+               pkt_rows_per_group: int) -> float:
+    """FLOPs of one training step: target forward, context and predictor forward + backward (x3)."""
+    d, depth = encoder.embed_dim, len(encoder.blocks)
+    hidden = encoder.blocks[0].mlp.fc1.out_features
+    n_all = encoder.num_patches
+    patch = 2 * n_all * encoder.patch_embed.proj.weight[0].numel() * d
+    target = batch * patch + transformer_flops(n_all, batch, d, depth, hidden)
+    context = batch * patch + transformer_flops(n_ctx, batch, d, depth, hidden)
+    dp = predictor.predictor_embed.out_features
+    p_hidden = predictor.predictor_blocks[0].mlp.fc1.out_features
+    seqs = batch * num_targets
+    pred = (transformer_flops(n_ctx + n_tgt, seqs, dp, len(predictor.predictor_blocks), p_hidden)
+            + 2 * seqs * n_ctx * d * dp + 2 * seqs * n_tgt * dp * d)
+    rows = seqs * n_tgt
+    loss = 2 * 2 * rows * pkt_rows_per_group * d  # two similarity matrices per group
+    return target + 3 * (context + pred + loss)
+
+
+# ---------------------------------------------------------------- the step
+
+
+@dataclass
+class StepResult:
+    variant: str
+    step_s: float
+    images_per_s: float
+    tflops_per_step: float
+    mfu: float
+    peak_memory_mb: float
+    loss: float
+
+
+def build_jepa(model: str, patch: int, img: int, pred_depth: int, pred_dim: int, device, attn: str) -> JEPAModels:
+    torch.manual_seed(0)
+    enc = build_encoder(model, patch_size=patch, img_size=img, attn_backend=attn)
+    pred = build_predictor(enc, pred_depth=pred_depth, pred_emb_dim=pred_dim)
+    target = copy.deepcopy(enc).requires_grad_(False)
+    return JEPAModels(enc.to(device), pred.to(device), target.to(device))
+
+
+def make_step(models: JEPAModels, loss_fn, images, masks_enc, masks_pred, dtype: torch.dtype):
+    opt = torch.optim.AdamW(param_groups(models), lr=1e-4, weight_decay=0.04)
+    online = dict(models.encoder.named_parameters())
+    pairs = [(p, online[n]) for n, p in models.target_encoder.named_parameters() if online[n].requires_grad]
+    tgt, onl = [p for p, _ in pairs], [p for _, p in pairs]
+    device = images.device
+    last = {}
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.no_grad():
+                h = models.target_encoder(images)
+            z = models.predictor(models.encoder(images, masks_enc), masks_enc, masks_pred)
+            loss, _ = loss_fn(z, h, masks_pred)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_update_(tgt, onl, 0.996)
+        last["loss"] = loss.detach()
+
+    return step, last
+
+
+def bench_step(model: str = "vit_small", patch: int = 16, img: int = 224, batch: int = 8,
+               pred_depth: int = 6, pred_dim: int = 384, dtype: str = "float32", device: str | None = None,
+               variants: tuple[str, ...] = ("baseline", "sdpa", "sdpa+fused"),
+               warmup: int = 2, repeats: int = 3, chunk_size: int = 256) -> dict:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = getattr(torch, dtype)
+    collator = MultiBlockMaskCollator(input_size=img, patch_size=patch, seed=0)
+    masks_enc, masks_pred = collator.sample_masks(batch, step=0)
+    masks_enc, masks_pred = masks_enc.to(dev), masks_pred.to(dev)
+    images = torch.randn(batch, 3, img, img, device=dev)
+    peak = matmul_peak_flops(dev, dt)
+    results = []
+    for variant in variants:
+        attn = "math" if variant == "baseline" else ("xformers" if "xformers" in variant else "sdpa")
+        models = build_jepa(model, patch, img, pred_depth, pred_dim, dev, attn)
+        if "compile" in variant:
+            from pijepa.dist.parallelize import apply_compile
+            for m in (models.encoder, models.predictor, models.target_encoder):
+                apply_compile(m)
+        loss_fn = build_loss("L2_PKT", chunk_size=chunk_size, fused="fused" in variant)
+        step, last = make_step(models, loss_fn, images, masks_enc, masks_pred, dt)
+        reset_peak_memory(dev)
+        times = time_calls(step, dev, warmup, repeats)
+        t = statistics.median(times)
+        flops = step_flops(models.encoder, models.predictor, batch, masks_enc.shape[-1], masks_pred.shape[-1],
+                           masks_pred.shape[0], min(chunk_size, masks_pred.numel()))
+        results.append(StepResult(variant, t, batch / t, flops / 1e12, flops / t / peak,
+                                  peak_memory_mb(dev), float(last["loss"])))
+        del models, step
+    base = results[0].step_s
+    return {"device": _device_name(dev), "dtype": dtype, "model": f"{model}/{patch} {img}px",
+            "batch": batch, "matmul_peak_tflops": peak / 1e12,
+            "tokens": {"context": masks_enc.shape[-1], "target": masks_pred.shape[-1]},
+            "results": [dict(asdict(r), speedup=base / r.step_s) for r in results]}
+
+
+# ---------------------------------------------------------------- loss and masks
+
+
+def bench_loss(batch: int = 128, targets: int = 4, tokens: int = 44, grid: int = 16, dim: int = 1280,
+               chunk_size: int = 256, device: str | None = None, warmup: int = 1, repeats: int = 3) -> dict:
+    """Fused vs plain gather + loss, forward and backward, at the ViT-H/14 recipe's per-GPU shapes."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    g = torch.Generator().manual_seed(0)
+    n = grid * grid
+    h = torch.randn(batch, n, dim, generator=g).to(dev)
+    masks = torch.stack([torch.stack([torch.randperm(n, generator=g)[:tokens].sort().values
+                                      for _ in range(batch)]) for _ in range(targets)]).to(dev)
+    pred = torch.randn(targets * batch, tokens, dim, generator=g).to(dev).requires_grad_(True)
+    out = {"device": _device_name(dev), "shape": {"batch": batch, "targets": targets, "tokens": tokens,
+                                                  "dim": dim, "chunk_size": chunk_size}, "results": {}}
+    for grouping in ("chunk", "block", "image"):
+        row = {}
+        for name, fused in (("plain", False), ("fused", True)):
+            loss_fn = build_loss("L2_PKT", grouping=grouping, chunk_size=chunk_size, fused=fused)
+
+            def run():
+                loss, _ = loss_fn(pred, h, masks)
+                loss.backward()
+                pred.grad = None
+
+            row[name] = statistics.median(time_calls(run, dev, warmup, repeats))
+        row["speedup"] = row["plain"] / row["fused"]
+        out["results"][grouping] = row
+    return out
+
+
+def bench_masks(batch: int = 128, img: int = 224, patch: int = 16, batches: int = 20) -> dict:
+    """The vectorised collator against the straightforward per-image, per-block reference."""
+    out = {"batch": batch, "grid": img // patch, "results": {}}
+    for name, cls in (("reference", ReferenceMaskCollator), ("vectorised", MultiBlockMaskCollator)):
+        collator = cls(input_size=img, patch_size=patch, seed=0)
+        steps = iter(range(10**9))
+        times = time_calls(lambda c=collator: c.sample_masks(batch, next(steps)), torch.device("cpu"), 2, batches)
+        out["results"][name] = statistics.median(times)
+    out["speedup"] = out["results"]["reference"] / out["results"]["vectorised"]
+    return out
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(bench) -> None:
+    """Adds `step`, `loss` and `masks` to the `pijepa bench` subcommands."""
+    step = bench.add_parser("step", help="time the full training step for several variants")
+    step.add_argument("--model", default="vit_small")
+    step.add_argument("--patch", type=int, default=16)
+    step.add_argument("--img", type=int, default=224)
+    step.add_argument("--batch", type=int, default=8)
+    step.add_argument("--pred-depth", type=int, default=6)
+    step.add_argument("--pred-dim", type=int, default=384)
+    step.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    step.add_argument("--variants", default="baseline,sdpa,sdpa+fused",
+                      help="comma list of: baseline, sdpa, sdpa+fused, sdpa+fused+compile, xformers+fused")
+    step.add_argument("--repeats", type=int, default=3)
+    step.add_argument("--out", help="also write the results as JSON")
+    step.set_defaults(run=_run_step)
+    loss = bench.add_parser("loss", help="fused vs plain gather + loss, forward and backward")
+    loss.add_argument("--batch", type=int, default=128)
+    loss.add_argument("--repeats", type=int, default=3)
+    loss.add_argument("--out")
+    loss.set_defaults(run=_run_loss)
+    masks = bench.add_parser("masks", help="vectorised mask collator vs the per-image reference")
+    masks.add_argument("--batch", type=int, default=128)
+    masks.add_argument("--img", type=int, default=224)
+    masks.add_argument("--patch", type=int, default=16)
+    masks.add_argument("--out")
+    masks.set_defaults(run=_run_masks)
+
+
+def _emit(result: dict, out: str | None, table: str) -> None:
+    print(table)
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
+
+
+def _run_step(args) -> None:
+    r = bench_step(args.model, args.patch, args.img, args.batch, args.pred_depth, args.pred_dim, args.dtype,
+                   variants=tuple(args.variants.split(",")), repeats=args.repeats)
+    lines = [f"bench step: {r['model']} batch {r['batch']} {r['dtype']} on {r['device']}; "
+             f"matmul peak {r['matmul_peak_tflops'] * 1e3:.1f} GFLOP/s; tokens {r['tokens']}",
+             f"{'variant':<22}{'step s':>9}{'img/s':>9}{'TFLOP':>8}{'MFU':>7}{'peak MB':>9}{'vs base':>9}"]
+    for x in r["results"]:
+        lines.append(f"{x['variant']:<22}{x['step_s']:>9.3f}{x['images_per_s']:>9.2f}{x['tflops_per_step']:>8.3f}"
+                     f"{x['mfu']:>7.1%}{x['peak_memory_mb']:>9.0f}{x['speedup']:>8.2f}x")
+    _emit(r, args.out, "\n".join(lines))
+
+
+def _run_loss(args) -> None:
+    r = bench_loss(batch=args.batch, repeats=args.repeats)
+    lines = [f"bench loss: L2_PKT fwd+bwd {r['shape']} on {r['device']}",
+             f"{'grouping':<10}{'plain s':>10}{'fused s':>10}{'speedup':>9}"]
+    for g, x in r["results"].items():
+        lines.append(f"{g:<10}{x['plain']:>10.3f}{x['fused']:>10.3f}{x['speedup']:>8.2f}x")
+    _emit(r, args.out, "\n".join(lines))
+
+
+def _run_masks(args) -> None:
+    r = bench_masks(batch=args.batch, img=args.img, patch=args.patch)
+    table = (f"bench masks: batch {r['batch']}, {r['grid']}x{r['grid']} grid: reference "
+             f"{r['results']['reference'] * 1e3:.1f} ms, vectorised {r['results']['vectorised'] * 1e3:.2f} ms, "
+             f"speedup {r['speedup']:.1f}x")
+    _emit(r, args.out, table)
