@@ -21,6 +21,7 @@ LOSS_NAMES = ("L2", "PKT", "L2_PKT", "L2_PKT_chunks")
 PKT_GROUPINGS = ("chunk", "image", "block")
 ATTN_BACKENDS = ("sdpa", "math", "xformers")
 DATASETS = ("synthetic", "folder", "webdataset")
+WDS_MODES = ("resampled", "finite")
 STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
 FSDP_SHARDINGS = ("full", "grad_op", "hybrid")
 AC_MODES = ("none", "full", "selective")
@@ -49,7 +50,12 @@ class DataConfig:
     dataset: str = "synthetic"  # synthetic | folder | webdataset
     root_path: str = ""
     image_folder: str = ""  # folder dataset: root_path/image_folder is an ImageFolder tree
-    shards: str = ""  # webdataset: a brace pattern, an index file (shards.json) or pipe: commands
+    # webdataset: brace patterns, index files/folders (shards.json) or pipe: commands, separated by
+    # commas (outside braces) or "::"; a YAML list is joined with commas
+    shards: str = ""
+    wds_mode: str = "resampled"  # resampled (with replacement, per-reader streams) | finite (each sample once per reader epoch)
+    shuffle_buffer: int = 1000  # samples per reader in webdataset's shuffle buffer; 0 or 1 disables it
+    epoch_samples: int = 0  # samples per epoch; 0 takes the total of shards.json (needed without one)
     batch_size: int = 32  # per rank and micro-step
     global_batch_size: int = 0  # effective batch; 0 means batch_size x world size (no accumulation)
     crop_size: int = 224
@@ -106,6 +112,7 @@ class LoggingConfig:
     checkpoint_freq: int = 500  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # newest K step checkpoints kept
     tensorboard: bool = True
+    mask_viz_freq: int = 500  # optimizer steps between mask-grid images in TensorBoard; 0 disables
 
 
 @dataclass
@@ -157,6 +164,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         raw = _read_yaml(Path(path))
     for item in overrides:
         _apply_override(raw, item)
+    _join_shard_list(raw, source)
     cfg = _build(Config, raw, source, prefix="")
     validate(cfg, source)
     return cfg
@@ -189,6 +197,16 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not isinstance(node, dict):
         raise ConfigError(f"--set {item!r}: section {section!r} is not a mapping in the config")
     node[name] = value
+
+
+def _join_shard_list(raw: dict[str, Any], source: str) -> None:
+    """data.shards may be a YAML list of specs; it is kept as one comma-separated string."""
+    data = raw.get("data")
+    shards = data.get("shards") if isinstance(data, dict) else None
+    if isinstance(shards, list):
+        if not all(isinstance(s, str) and s.strip() for s in shards):
+            raise ConfigError(f"{source}: data.shards = {shards!r}: expected shard specs (strings)")
+        data["shards"] = ",".join(s.strip() for s in shards)
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
@@ -293,6 +311,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         fail("data.image_folder", d.image_folder, "a path (root_path/image_folder) for data.dataset: folder")
     if d.dataset == "webdataset" and not d.shards:
         fail("data.shards", d.shards, "a shard pattern or index file for data.dataset: webdataset")
+    choice("data.wds_mode", d.wds_mode, WDS_MODES)
+    if d.shuffle_buffer < 0:
+        fail("data.shuffle_buffer", d.shuffle_buffer, "0 (no shuffle buffer) or more samples")
+    if d.epoch_samples < 0:
+        fail("data.epoch_samples", d.epoch_samples, "0 (the total of shards.json) or a positive number of samples")
     positive("data.synthetic_images", d.synthetic_images)
     if d.synthetic_classes < 2:
         fail("data.synthetic_classes", d.synthetic_classes, "2 or more")
@@ -328,6 +351,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     positive("logging.log_freq", lg.log_freq)
     positive("logging.checkpoint_freq", lg.checkpoint_freq)
     positive("logging.keep_checkpoints", lg.keep_checkpoints)
+    if lg.mask_viz_freq < 0:
+        fail("logging.mask_viz_freq", lg.mask_viz_freq, "0 (off) or a number of optimizer steps")
     t = cfg.dist
     choice("dist.strategy", t.strategy, STRATEGIES)
     choice("dist.fsdp_sharding", t.fsdp_sharding, FSDP_SHARDINGS)

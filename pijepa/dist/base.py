@@ -31,6 +31,12 @@ class JEPAModels:
     def trainable(self) -> list[nn.Module]:
         return [self.encoder, self.predictor]
 
+    def predict(self, images: torch.Tensor, masks_enc: torch.Tensor, masks_pred: torch.Tensor) -> torch.Tensor:
+        """The trained forward of a step: context encoder, then predictor -> [M*B, K, D]. A strategy
+        whose engine must see it as one call (DeepSpeed: its backward hooks and ZeRO-3 prefetch trace
+        hang off the engine's forward) returns models that override this."""
+        return self.predictor(self.encoder(images, masks_enc), masks_enc, masks_pred)
+
 
 def param_groups(models: JEPAModels) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on weight matrices only, never on biases, norms, positional
@@ -95,8 +101,12 @@ class Strategy(ABC):
         """Moves the target encoder towards the context encoder, in fp32, shard-locally."""
 
     @abstractmethod
-    def save(self, folder: Path, extra: dict[str, Any]) -> None:
-        """Writes models, target, optimizer and `extra` (step, RNG, ...) into an existing folder."""
+    def save(self, folder: Path, extra: dict[str, Any]) -> Any | None:
+        """Writes models, target, optimizer and `extra` (step, RNG, ...) into an existing folder.
+
+        Returns None when this rank's part is written on return, or, for an asynchronous save, a
+        handle whose `result()` blocks until it is (a concurrent.futures.Future); the Checkpointer
+        completes the checkpoint (rename) only after every rank's handle is done."""
 
     @abstractmethod
     def load(self, folder: Path) -> dict[str, Any]:

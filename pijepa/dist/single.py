@@ -113,3 +113,13 @@ class DDPStrategy(SingleStrategy):
                 for m in self._ddp:
                     stack.enter_context(m.no_sync())
             yield
+
+
+def read_full_state(folder: Path) -> dict[str, Any]:
+    """Encoder / predictor / target state dicts and `extra` of a checkpoint folder written by
+    `SingleStrategy` or `DDPStrategy` (its `state.pt`); for `pijepa export`."""
+    path = Path(folder) / STATE_FILE
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != "pijepa-checkpoint-v1":
+        raise ValueError(f"{path}: not a pijepa checkpoint (expected format pijepa-checkpoint-v1)")
+    return {name: state[name] for name in ("encoder", "predictor", "target_encoder", "extra")}

@@ -13,6 +13,7 @@ from pijepa.data.folder import image_folder
 from pijepa.data.loader import build_step_loader
 from pijepa.data.synthetic import SyntheticShapes
 from pijepa.data.transforms import build_train_transform
+from pijepa.data.wds import build_wds_loader, check_readers, resolve_shards
 from pijepa.dist.base import JEPAModels
 from pijepa.losses import build_loss
 from pijepa.masks import MultiBlockMaskCollator
@@ -45,8 +46,14 @@ def build_collator(cfg: Config) -> MultiBlockMaskCollator:
         placement=k.placement, seed=cfg.meta.seed)
 
 
-def build_dataset(cfg: Config) -> Dataset:
+def build_dataset(cfg: Config, world_size: int = 1) -> Dataset:
+    """The map-style dataset, or for webdataset the resolved shard list (its len() is one epoch),
+    checked up front so that bad shard settings stop the run before anything is written."""
     d = cfg.data
+    if d.dataset == "webdataset":
+        shards = resolve_shards(d.shards, d.epoch_samples)
+        check_readers(shards, d.wds_mode, world_size, d.num_workers)
+        return shards
     if d.dataset == "synthetic":
         # Rendered a little larger than the crop so that RandomResizedCrop has pixels to resample.
         return SyntheticShapes(d.synthetic_images, d.synthetic_classes,
@@ -61,10 +68,35 @@ def build_train_loader(cfg: Config, dataset: Dataset, *, accum: int, world_size:
     d = cfg.data
     transform = build_train_transform(d.crop_size, d.crop_scale, d.use_horizontal_flip,
                                       d.use_color_distortion, d.color_jitter_strength, d.use_gaussian_blur)
+    if d.dataset == "webdataset":
+        steps_per_epoch = len(dataset) // (d.batch_size * accum * world_size)
+        return build_wds_loader(dataset, transform, build_collator(cfg), mode=d.wds_mode, batch_size=d.batch_size,
+                                accum=accum, world_size=world_size, rank=rank, start_step=start_step,
+                                steps_per_epoch=steps_per_epoch, seed=cfg.meta.seed, num_workers=d.num_workers,
+                                shuffle_buffer=d.shuffle_buffer, pin_memory=pin_memory)
     return build_step_loader(dataset, transform, build_collator(cfg), batch_size=d.batch_size,
                              accum=accum, world_size=world_size, rank=rank, start_step=start_step,
                              total_steps=total_steps, seed=cfg.meta.seed, num_workers=d.num_workers,
                              pin_memory=pin_memory)
+
+
+# A loader may keep a position and counters of its own (the webdataset loader does; the step-addressed
+# map-style loader needs none: its position is the step). These read them without knowing the kind.
+
+
+def loader_state(loader) -> dict | None:
+    """The loader's position for the checkpoint (a collective call on every rank), or None."""
+    return loader.state_dict() if hasattr(loader, "state_dict") else None
+
+
+def restore_loader_state(loader, state: dict | None) -> None:
+    if state is not None and hasattr(loader, "load_state_dict"):
+        loader.load_state_dict(state)
+
+
+def loader_counters(loader) -> dict[str, int]:
+    """Cumulative per-rank counters to log (e.g. data_skipped), or {}."""
+    return loader.counters() if hasattr(loader, "counters") else {}
 
 
 def steps_per_epoch(dataset_len: int, global_batch: int) -> int:

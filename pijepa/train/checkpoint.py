@@ -2,7 +2,9 @@
 
 A checkpoint is first written to `step_XXXXXXXX.tmp/` (by every rank, in whatever form the
 strategy uses) and renamed by rank 0 once all ranks are done, so an interrupted save never
-replaces a good checkpoint; `latest` names the newest complete one.
+replaces a good checkpoint; `latest` names the newest complete one. A strategy may save
+asynchronously (its `save` returns a handle): the rename then waits for the handle, at the next
+save or at `wait()` (the trainer calls it before exiting).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Checkpointer:
     def __init__(self, run_dir: Path, strategy: Strategy, keep: int):
         self.root = Path(run_dir) / "checkpoints"
         self.strategy, self.keep = strategy, keep
+        self._pending: tuple[Any, Path, Path] | None = None  # (handle, tmp, final) of an async save
 
     def complete(self) -> list[Path]:
         """Complete checkpoint folders, oldest first."""
@@ -58,13 +61,26 @@ class Checkpointer:
         return done[-1] if done else None
 
     def save(self, step: int, extra: dict[str, Any]) -> Path:
+        self.wait()  # one save in flight at most
         final = self.root / f"step_{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
         if self.strategy.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.strategy.barrier()
-        self.strategy.save(tmp, extra)
+        self._pending = (self.strategy.save(tmp, extra), tmp, final)
+        if self._pending[0] is None:  # written synchronously: complete it now
+            self.wait()
+        return final
+
+    def wait(self) -> None:
+        """Completes the save in flight, if any: waits for this rank's writes, then (once every
+        rank is done) renames the folder, updates `latest` and prunes old checkpoints."""
+        if self._pending is None:
+            return
+        (handle, tmp, final), self._pending = self._pending, None
+        if handle is not None:
+            handle.result()
         self.strategy.barrier()
         if self.strategy.is_main:
             if final.exists():  # a re-run of the same step after a resume: replace it
@@ -75,7 +91,6 @@ class Checkpointer:
             for old in self.complete()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.strategy.barrier()
-        return final
 
     def load(self, folder: Path) -> dict[str, Any]:
         extra = self.strategy.load(folder)

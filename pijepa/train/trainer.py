@@ -13,7 +13,7 @@ from tqdm import tqdm
 from pijepa.config import Config, dump_config
 from pijepa.dist import build_strategy
 from pijepa.train.build import (accumulation_steps, build_dataset, build_loss_fn, build_models,
-                                build_train_loader)
+                                build_train_loader, loader_counters, loader_state, restore_loader_state)
 from pijepa.train.checkpoint import Checkpointer, rng_state
 from pijepa.train.metrics import MetricsLogger, console, peak_memory_mb
 from pijepa.train.schedules import build_schedules
@@ -23,11 +23,11 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = Path(cfg.logging.folder)
-        self.strategy = build_strategy(cfg.dist.strategy)
+        self.strategy = build_strategy(cfg.dist.strategy, cfg)
         world, rank = self.strategy.world_size, self.strategy.rank
         self.accum = accumulation_steps(cfg, world)
         self.global_batch = cfg.data.batch_size * self.accum * world
-        self.dataset = build_dataset(cfg)
+        self.dataset = build_dataset(cfg, world)
         self.steps_per_epoch = len(self.dataset) // self.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than one optimizer step "
@@ -51,17 +51,20 @@ class Trainer:
         self.loader = build_train_loader(cfg, self.dataset, accum=self.accum, world_size=world, rank=rank,
                                          start_step=self.start_step, total_steps=self.total_steps,
                                          pin_memory=cfg.data.pin_mem and self.device.type == "cuda")
+        # A loader with a position of its own (webdataset) continues from the checkpointed one.
+        restore_loader_state(self.loader, self._resumed.get("loader"))
 
     # ------------------------------------------------------------------ state
 
     def _restore(self) -> int:
         """Resumes from the run folder's newest checkpoint, else from meta.read_checkpoint if asked."""
+        self._resumed: dict[str, Any] = {}
         folder = self.checkpointer.latest()
         if folder is None and self.cfg.meta.load_checkpoint:
             folder = Path(self.cfg.meta.read_checkpoint)
         if folder is None:
             return 0
-        extra = self.checkpointer.load(folder)
+        extra = self._resumed = self.checkpointer.load(folder)
         if self.strategy.is_main:
             console(f"resumed from {folder} at step {extra['step']}")
         return int(extra["step"])
@@ -70,6 +73,7 @@ class Trainer:
         m, d = self.cfg.meta, self.cfg.data
         return {
             "step": next_step,  # also the data position: the sampler is addressed by step
+            "loader": loader_state(self.loader),  # None, or a streaming loader's position (all ranks')
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
             "model": {"model_name": m.model_name, "patch_size": self.cfg.mask.patch_size,
@@ -83,7 +87,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             with torch.no_grad():
                 h = models.target_encoder(images)
-            z = models.predictor(models.encoder(images, masks_enc), masks_enc, masks_pred)
+            z = models.predict(images, masks_enc, masks_pred)  # encoder, then predictor
             return self.loss_fn(z, h, masks_pred)
 
     def train_step(self, batches: list) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
@@ -114,9 +118,12 @@ class Trainer:
                    desc="pretrain", unit="step", dynamic_ncols=True)
         last_log, t_log = self.start_step, time.perf_counter()
         for self.step in range(self.start_step, self.total_steps):
-            loss, parts, grad_norm = self.train_step([next(batches) for _ in range(self.accum)])
+            micro_batches = [next(batches) for _ in range(self.accum)]
+            loss, parts, grad_norm = self.train_step(micro_batches)
             done = self.step + 1
             bar.update(1)
+            if s.is_main and cfg.tensorboard and cfg.mask_viz_freq and done % cfg.mask_viz_freq == 0:
+                self._log_masks(micro_batches[0], done)
             if done % cfg.log_freq == 0 or done == self.total_steps:
                 elapsed = time.perf_counter() - t_log
                 scalars = self._scalars(loss, parts, grad_norm, (done - last_log), elapsed)
@@ -127,8 +134,17 @@ class Trainer:
                 last_log, t_log = done, time.perf_counter()
             if done % cfg.checkpoint_freq == 0 or done == self.total_steps:
                 self.checkpointer.save(done, self._extra_state(done))
+        self.checkpointer.wait()  # an asynchronous save in flight is completed before exit
         bar.close()
         self.metrics.close()
+
+    def _log_masks(self, batch, step: int) -> None:
+        """The masks this step trained on, drawn over its first images (rank 0, CPU, cheap)."""
+        from pijepa.tools.viz import mask_grid_from_batch
+
+        images, _labels, masks_enc, masks_pred = batch
+        self.metrics.image("masks", mask_grid_from_batch(images, masks_enc, masks_pred,
+                                                         self.cfg.mask.patch_size), step)
 
     def _scalars(self, loss, parts, grad_norm, steps: int, elapsed: float) -> dict[str, float]:
         # One host sync per log step: the values are reduced and read only here.
@@ -141,6 +157,11 @@ class Trainer:
                    "weight_decay": self.schedules.wd_at(step), "ema_momentum": self.schedules.momentum_at(step),
                    "images_per_s": steps * self.global_batch / max(elapsed, 1e-9),
                    "step_time_s": elapsed / max(steps, 1), "peak_memory_mb": peak_memory_mb(self.device)}
+        counts = loader_counters(self.loader)  # cumulative per rank (e.g. data_skipped): logged summed
+        if counts:
+            totals = s.reduce_mean(torch.tensor([float(v) for v in counts.values()], dtype=torch.float64,
+                                                device=loss.device)) * s.world_size
+            scalars.update({name: round(v) for name, v in zip(counts, totals.tolist())})
         return scalars
 
     def close(self) -> None:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One node, NPROC processes (one per GPU), any strategy (ddp, fsdp, deepspeed) under torchrun.
+#
+#   launchers/torchrun_single_node.sh NPROC [pijepa train arguments...]
+#   MASTER_PORT=29500 launchers/torchrun_single_node.sh 8 --config configs/in1k_vith14_ep300.yaml \
+#       --set dist.strategy=fsdp --set logging.folder=runs/vith14
+#
+# MASTER_PORT (default 29500) must be free; give concurrent jobs on one machine distinct ports.
+set -euo pipefail
+source "$(dirname "$0")/_common.sh"
+if [ $# -lt 1 ]; then sed -n '2,9p' "$0" >&2; exit 2; fi
+NPROC=$1; shift
+cd "$REPO"
+exec "$(tool torchrun)" --nnodes 1 --nproc_per_node "$NPROC" --master_addr 127.0.0.1 \
+  --master_port "${MASTER_PORT:-29500}" -m pijepa train "$@"

@@ -1,0 +1,255 @@
+"""FSDP2 (`fully_shard`) strategy: sharded encoder, predictor and EMA target; DCP checkpoints.
+
+- Parameters, gradients and AdamW state are sharded over a 1-D mesh (`full`, `grad_op`) or a 2-D
+  (replicate, shard) mesh (`hybrid`, HSDP). The sharded parameters are fp32 DTensors even under
+  bf16 mixed precision (FSDP casts only the gathered copies), so the optimizer and the EMA work on
+  fp32 shards.
+- The EMA target is sharded exactly like the encoder (same mesh, same per-block grouping), so the
+  target's local shard of a parameter covers the same elements as the encoder's: the EMA update is
+  one foreach lerp over local tensors, never a gather.
+- Checkpoints go through torch.distributed.checkpoint (DCP): every rank writes its shards into the
+  step folder; DCP records the global layout, so a checkpoint loads at any world size. Rank 0 adds
+  `extra.pt` (step, config, model description); each rank adds `rng_rank{r}.pt`.
+
+Folder layout written by `save`:
+    .metadata, __{rank}_{i}.distcp   DCP: encoder, predictor, target_encoder, optimizer (flattened)
+    extra.pt                          {"format", "world_size", "extra"} (rank 0)
+    rng_rank{r}.pt                    rank r's RNG states
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import Future
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
+
+from pijepa.config import Config
+from pijepa.dist.base import JEPAModels, Strategy, ema_update_, param_groups, set_lr_wd
+from pijepa.dist.parallelize import apply_ac, apply_compile, apply_fsdp, canonical_name
+from pijepa.dist.single import pick_device
+
+FORMAT = "pijepa-fsdp-v1"
+METADATA_FILE = ".metadata"  # written by DCP; its presence identifies the format
+EXTRA_FILE = "extra.pt"
+MODEL_PARTS = ("encoder", "predictor", "target_encoder")
+# Optimizer state keyed by parameter name (not by position), flattened: loads at any world size.
+_OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def build_mesh(device_type: str, world_size: int, sharding: str, hybrid_shard_size: int) -> DeviceMesh:
+    """1-D ("shard",) mesh for full/grad_op; 2-D ("replicate", "shard") for hybrid, with
+    `hybrid_shard_size` ranks per shard group (0: the ranks of one node, LOCAL_WORLD_SIZE)."""
+    if sharding != "hybrid":
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
+    shard = hybrid_shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if shard < 1 or world_size % shard:
+        raise ValueError(f"dist.hybrid_shard_size {shard} must divide the world size {world_size} "
+                         f"(0 means the ranks per node, LOCAL_WORLD_SIZE)")
+    return init_device_mesh(device_type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
+class FSDPStrategy(Strategy):
+    def __init__(self, cfg: Config | None = None) -> None:
+        super().__init__()
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            # ValueError: the CLI prints it as one line (exit code 2), no traceback.
+            raise ValueError("dist.strategy fsdp needs a distributed launch: start it with torchrun "
+                             "(e.g. torchrun --nproc_per_node 2 -m pijepa train ...), which sets RANK, "
+                             "WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
+        cfg = cfg or Config()
+        self.cfg, self.bf16 = cfg.dist, cfg.meta.use_bfloat16
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        self._ckpt_group = None  # a gloo group for async saves, apart from the training collectives
+        self._pending: Future | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, models: JEPAModels, accum_steps: int, clip_grad: float,
+              optimizer_kwargs: dict[str, Any]) -> JEPAModels:
+        c = self.cfg
+        self.device = pick_device(self.local_rank)
+        self.accum_steps, self.clip_grad = accum_steps, clip_grad
+        self.mesh = build_mesh(self.device.type, self.world_size, c.fsdp_sharding, c.hybrid_shard_size)
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if self.bf16 else MixedPrecisionPolicy())
+        encoder, predictor, target = models.encoder, models.predictor, models.target_encoder
+        target.requires_grad_(False)
+
+        # Fixed order: AC -> compile -> FSDP (see parallelize.py). The target runs no-grad
+        # forwards only, so it gets no AC; it is compiled like the encoder.
+        for m in (encoder, predictor):
+            apply_ac(m, c.activation_checkpointing, c.ac_every)
+        if c.compile:
+            for m in (encoder, predictor, target):
+                apply_compile(m)
+        keep_gathered = c.fsdp_sharding == "grad_op"
+        for m in (encoder, predictor):
+            apply_fsdp(m, self.mesh, mp, reshard_after_forward=not keep_gathered)
+        apply_fsdp(target, self.mesh, mp, reshard_after_forward=True, reshard_root=True)
+
+        self.models = JEPAModels(encoder, predictor, target)
+        self._fsdp_trainable = [m for m in self.models.trainable() if isinstance(m, FSDPModule)]
+        # One module owning both trainable models names the optimizer state by parameter FQN.
+        self._optim_owner = nn.ModuleDict({"encoder": encoder, "predictor": predictor})
+        # The predictor's output is a view (Linear on [B, K, D]); FSDP warns on every rank that an
+        # in-place op on it would skip its pre-backward hook. The losses never write into their
+        # inputs (tests/dist/test_fsdp.py compares the trajectory with one process), so it is noise.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPVisionTransformerPredictor\) "
+                                r"returned a view tensor")
+        self.params = [p for m in self.models.trainable() for p in m.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(param_groups(self.models), **optimizer_kwargs)
+        self._check_ema_pairs()
+        if c.async_checkpoint:
+            self._ckpt_group = dist.new_group(backend="gloo")
+        return self.models
+
+    # ------------------------------------------------------------------ step
+
+    @contextlib.contextmanager
+    def micro_step(self, is_last: bool) -> Iterator[None]:
+        # Gradients accumulate unsharded and unreduced until the last micro-step, whose backward
+        # reduce-scatters the sum once.
+        for m in self._fsdp_trainable:
+            m.set_requires_gradient_sync(is_last)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum_steps).backward()
+
+    def optimizer_step(self, lr: float, weight_decay: float) -> torch.Tensor:
+        set_lr_wd(self.optimizer, lr, weight_decay)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        # The norm of sharded DTensor grads is a partial result per rank; full_tensor() reduces it
+        # to the norm over the whole model (all shards, all replicas), identical on every rank.
+        total = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
+        if self.clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad, total, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Local fp32 shards of (target, encoder) parameters paired by canonical name. Looked up
+        at every update (a few hundred names): a load may re-point FSDP's sharded parameters."""
+        online = {canonical_name(n): p for n, p in self.models.encoder.named_parameters()}
+        target, source = [], []
+        for name, p in self.models.target_encoder.named_parameters():
+            q = online[canonical_name(name)]
+            if q.requires_grad:  # frozen positional embeddings are equal already
+                target.append(p.to_local() if isinstance(p, DTensor) else p)
+                source.append(q.to_local() if isinstance(q, DTensor) else q)
+        return target, source
+
+    @torch.no_grad()
+    def _check_ema_pairs(self) -> None:
+        online = {canonical_name(n) for n in self.models.encoder.state_dict()}
+        names = {canonical_name(n) for n in self.models.target_encoder.state_dict()}
+        if online != names:
+            raise RuntimeError(f"EMA target and encoder parameters differ: {sorted(online ^ names)[:5]}")
+        for t, s in zip(*self._ema_pairs()):
+            if t.shape != s.shape or t.dtype != torch.float32 or s.dtype != torch.float32:
+                raise RuntimeError(f"EMA shards do not line up: target {tuple(t.shape)} {t.dtype}, "
+                                   f"encoder {tuple(s.shape)} {s.dtype}")
+
+    @torch.no_grad()
+    def ema_update(self, momentum: float) -> None:
+        target, source = self._ema_pairs()
+        ema_update_(target, source, momentum)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _state_dict(self) -> dict[str, Any]:
+        """Sharded (DTensor) state keyed by canonical names, for DCP to save into or load from."""
+        state = {name: get_model_state_dict(getattr(self.models, name)) for name in MODEL_PARTS}
+        state["optimizer"] = get_optimizer_state_dict(self._optim_owner, self.optimizer, options=_OPTIM_OPTIONS)
+        return state
+
+    def save(self, folder: Path, extra: dict[str, Any]) -> Future | None:
+        self.wait()
+        state = self._state_dict()
+        if self.is_main:
+            torch.save({"format": FORMAT, "world_size": self.world_size, "extra": extra}, folder / EXTRA_FILE)
+        torch.save(extra["rng"], folder / rng_file(self.rank))
+        if not self.cfg.async_checkpoint:
+            dcp.save(state, checkpoint_id=str(folder))
+            return None
+        # The state is copied to CPU memory before async_save returns, so training may go on;
+        # the files are written by a background thread. The Checkpointer renames the folder only
+        # after the returned future is done on every rank.
+        self._pending = dcp.async_save(state, checkpoint_id=str(folder), process_group=self._ckpt_group)
+        return self._pending
+
+    def wait(self) -> None:
+        """Blocks until this rank's part of an asynchronous save in flight is written."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def load(self, folder: Path) -> dict[str, Any]:
+        folder = Path(folder)
+        if not (folder / METADATA_FILE).is_file() or not (folder / EXTRA_FILE).is_file():
+            raise ValueError(f"{folder}: not an FSDP checkpoint (expected DCP {METADATA_FILE} and {EXTRA_FILE}); "
+                             f"dist.strategy fsdp resumes only from checkpoints written by fsdp")
+        head = torch.load(folder / EXTRA_FILE, map_location="cpu", weights_only=True)
+        if head.get("format") != FORMAT:
+            raise ValueError(f"{folder / EXTRA_FILE}: not a pijepa FSDP checkpoint (expected format {FORMAT})")
+        state = self._state_dict()
+        try:
+            dcp.load(state, checkpoint_id=str(folder))
+        except Exception as e:  # missing keys / shape mismatch: a checkpoint of another architecture
+            raise ValueError(f"{folder}: does not match this run's models and optimizer: "
+                             f"{str(e).strip().splitlines()[-1][:500]}") from None
+        for name in MODEL_PARTS:
+            set_model_state_dict(getattr(self.models, name), state[name])
+        set_optimizer_state_dict(self._optim_owner, self.optimizer, state["optimizer"], options=_OPTIM_OPTIONS)
+        # Each rank resumes its own RNG stream; ranks beyond the saved world size reuse one of the
+        # saved streams (nothing in the step depends on it: data and masks are step-addressed).
+        extra = dict(head["extra"])
+        extra["rng"] = torch.load(folder / rng_file(self.rank % int(head["world_size"])), weights_only=True)
+        return extra
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.wait()
+        super().close()
+
+
+def read_full_state(folder: Path) -> dict[str, Any]:
+    """Unsharded encoder / predictor / target state dicts and `extra` of a checkpoint folder, read
+    in this one process (no process group, any world size at save time); for `pijepa export`."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    folder = Path(folder)
+    head = torch.load(folder / EXTRA_FILE, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent
+        warnings.simplefilter("ignore")
+        state = _load_state_dict_from_keys(set(MODEL_PARTS), checkpoint_id=str(folder))
+    return {**{name: state[name] for name in MODEL_PARTS}, "extra": head["extra"]}

@@ -1,0 +1,338 @@
+"""The webdataset training loader (pijepa/data/wds.py) on small shards of real CIFAR-10 images.
+
+Shards are written into tmp dirs with `write_shards` from copies of the first members of the real
+per-class tars (300 images, 12 shards of 25), so every test reads real JPEGs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pijepa.cli import main as cli_main
+from pijepa.config import ConfigError, load_config
+from pijepa.data.shards import read_index, write_shards
+from pijepa.data.wds import (balanced_split, check_readers, decode_rgb, resolve_shards, split_spec)
+from pijepa.train.build import build_collator, build_dataset, build_train_loader
+from tests.conftest import DATA, REPO, TINY_OVERRIDES, run_cli
+
+PER_CLASS, PER_SHARD = 30, 25  # 10 classes -> 300 images in 12 shards
+TINY_DATA = ["data.dataset=webdataset", "data.shards=set-below", "data.crop_size=32", "mask.patch_size=8",
+             "mask.min_keep=2"]
+
+
+# ----------------------------------------------------------------------------- fixtures and helpers
+
+
+def tar_subset(src: Path, dst: Path, n: int) -> Path:
+    """dst/<class>.tar with the first n members of each real per-class tar in src."""
+    dst.mkdir(parents=True)
+    for tar_path in sorted(src.glob("*.tar")):
+        with tarfile.open(tar_path) as tf, tarfile.open(dst / tar_path.name, "w") as out:
+            for member in itertools.islice((m for m in tf if m.isfile()), n):
+                out.addfile(member, tf.extractfile(member))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory) -> Path:
+    src = DATA / "cifar10" / "train"
+    if not src.is_dir():
+        pytest.skip(f"real image data not found at {src}")
+    root = tmp_path_factory.mktemp("wds")
+    out = root / "shards"
+    write_shards(tar_subset(src, root / "src", PER_CLASS), out, samples_per_shard=PER_SHARD, progress=False)
+    return out
+
+
+def all_keys(shards: Path) -> set[str]:
+    return {s["__key__"] for s in wds.DataPipeline(wds.SimpleShardList([str(p) for p in sorted(shards.glob("*.tar"))]),
+                                                   wds.tarfile_to_samples())}
+
+
+def make_cfg(spec: str, *sets: str):
+    cfg = load_config(None, [*TINY_DATA, *sets])
+    cfg.data.shards = spec  # set directly: the tests pass paths, not YAML
+    return cfg
+
+
+def make_loader(spec: str, *sets: str, world: int = 1, rank: int = 0, start_step: int = 0):
+    cfg = make_cfg(spec, *sets)
+    shards = build_dataset(cfg, world)
+    return build_train_loader(cfg, shards, accum=1, world_size=world, rank=rank, start_step=start_step,
+                              total_steps=10**6, pin_memory=False)
+
+
+def take(loader, n: int) -> list[tuple[tuple, dict]]:
+    return list(itertools.islice(loader.iter_with_info(), n))
+
+
+def keys_of(batches) -> list[str]:
+    return [k for _, info in batches for k in info["keys"]]
+
+
+FINITE = ("data.wds_mode=finite", "data.batch_size=10", "data.shuffle_buffer=50")
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_batches_are_normalised_crops_with_labels_and_masks(shards_dir):
+    index = read_index(shards_dir)
+    batches = take(make_loader(str(shards_dir), *FINITE, "data.num_workers=0"), 3)
+    collator = build_collator(make_cfg(str(shards_dir), *FINITE))
+    for (images, labels, masks_enc, masks_pred), info in batches:
+        assert images.shape == (10, 3, 32, 32) and images.dtype == torch.float32
+        assert images.min() < -0.5 and images.max() > 0.5 and abs(float(images.mean())) < 1.5  # ImageNet-normalised
+        # labels are the cls of each sample: the class named in its key (CIFAR files are <class>_<id>.jpg)
+        assert labels.tolist() == [index["class_to_idx"][k.rsplit("_", 1)[0]] for k in info["keys"]]
+        assert masks_enc.shape[:2] == (1, 10) and masks_pred.shape[:2] == (4, 10)
+        enc, pred = collator.sample_masks(10, info["u"])  # masks are a function of (seed, u) alone
+        assert torch.equal(enc, masks_enc) and torch.equal(pred, masks_pred)
+    assert [info["u"] for _, info in batches] == [0, 1, 2]
+    # crops are seeded: a second loader gives the same images
+    again = take(make_loader(str(shards_dir), *FINITE, "data.num_workers=0"), 3)
+    assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(batches, again))
+
+
+def test_finite_one_rank_two_workers_sees_each_sample_once_per_epoch(shards_dir):
+    expected = all_keys(shards_dir)
+    batches = take(make_loader(str(shards_dir), *FINITE, "data.num_workers=2"), 60)
+    first, second = keys_of(batches[:30]), keys_of(batches[30:])
+    assert Counter(first) == Counter(expected) and len(first) == 300
+    assert Counter(second) == Counter(expected)
+    assert first != second  # a new shard order and shuffle every reader epoch
+    assert [info["worker"] for _, info in batches[:4]] == [0, 1, 0, 1]
+    assert {info["epoch"] for _, info in batches[:30]} == {0} and {info["epoch"] for _, info in batches[30:]} == {1}
+
+
+def test_finite_two_ranks_two_workers_split_the_epoch(shards_dir):
+    """Two ranks' loaders in one process (no collective needed to read): together each sample once."""
+    sets = (*FINITE, "data.num_workers=2", "data.batch_size=5")
+    seen = [keys_of(take(make_loader(str(shards_dir), *sets, world=2, rank=r), 30)) for r in (0, 1)]
+    assert not set(seen[0]) & set(seen[1])
+    assert Counter(seen[0] + seen[1]) == Counter(all_keys(shards_dir))
+
+
+def test_balanced_split_by_counts():
+    counts = [100, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10]
+    parts = balanced_split(list(range(11)), counts, 2)
+    assert sorted(k for p in parts for k in p) == list(range(11))
+    assert [sum(counts[k] for k in p) for p in parts] == [100, 100]
+    assert balanced_split([3, 1, 2, 0], [None] * 4, 2) == [[3, 2], [1, 0]]  # unknown counts: round-robin
+
+
+@pytest.mark.parametrize("mode", ["finite", "resampled"])
+def test_resume_mid_epoch_continues_exactly(shards_dir, mode):
+    """Stopped after 13 micro-batches (odd: the worker round-robin is mid-cycle) and resumed from a
+    checkpointed state, the loader gives exactly the uninterrupted run's batches."""
+    sets = (f"data.wds_mode={mode}", "data.batch_size=10", "data.shuffle_buffer=50", "data.num_workers=2")
+    full = take(make_loader(str(shards_dir), *sets), 40)  # crosses the reader epoch boundary at 30
+    first = make_loader(str(shards_dir), *sets)
+    head = take(first, 13)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)  # must load as the checkpoint does: weights_only
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    resumed = make_loader(str(shards_dir), *sets, start_step=13)
+    resumed.load_state_dict(state)
+    tail = take(resumed, 27)
+    assert keys_of(head + tail) == keys_of(full)
+    for (a, info_a), (b, info_b) in zip(full, head + tail):
+        assert info_a["u"] == info_b["u"]
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    if mode == "finite":
+        assert Counter(keys_of(head + tail[:17])) == Counter(all_keys(shards_dir))
+
+
+def test_resume_refuses_other_settings(shards_dir):
+    loader = make_loader(str(shards_dir), *FINITE, "data.num_workers=2")
+    take(loader, 4)
+    state = loader.state_dict()
+    other = make_loader(str(shards_dir), *FINITE, "data.num_workers=1", start_step=4)
+    with pytest.raises(ValueError, match="workers is 2, this run has 1"):
+        other.load_state_dict(state)
+    wrong_step = make_loader(str(shards_dir), *FINITE, "data.num_workers=2", start_step=5)
+    with pytest.raises(ValueError, match="micro-batch 4"):
+        wrong_step.load_state_dict(state)
+
+
+def test_resampled_streams_are_seeded_per_rank(shards_dir):
+    sets = ("data.wds_mode=resampled", "data.batch_size=10", "data.num_workers=0")
+    a = keys_of(take(make_loader(str(shards_dir), *sets, world=2, rank=0), 5))
+    assert a == keys_of(take(make_loader(str(shards_dir), *sets, world=2, rank=0), 5))
+    assert a != keys_of(take(make_loader(str(shards_dir), *sets, world=2, rank=1), 5))
+    assert a != keys_of(take(make_loader(str(shards_dir), *sets, "meta.seed=1", world=2, rank=0), 5))
+
+
+# ----------------------------------------------------------------------------- corrupt data
+
+
+def corrupt_copy(shards_dir: Path, dst: Path) -> tuple[Path, set[str]]:
+    """A copy of the shards where train-000001.tar is cut inside its 11th sample and train-000002.tar
+    holds a non-image under `jpg` and a sample without an image (same count, so shards.json holds)."""
+    shutil.copytree(shards_dir, dst)
+    bad_keys = set()
+    cut = dst / "train-000001.tar"
+    with tarfile.open(cut) as tf:
+        members = [m for m in tf if m.isfile()]
+    bad_keys |= {m.name.split(".")[0] for m in members[30:]}  # samples 10.. (3 members each) lost
+    data = cut.read_bytes()
+    cut.write_bytes(data[:members[30].offset_data + 300])
+    edit = dst / "train-000002.tar"
+    samples = list(wds.DataPipeline(wds.SimpleShardList([str(edit)]), wds.tarfile_to_samples()))
+    samples[3]["jpg"] = b"this is not an image"
+    del samples[7]["jpg"]
+    bad_keys |= {samples[3]["__key__"], samples[7]["__key__"]}
+    with wds.TarWriter(str(edit)) as tw:
+        for s in samples:
+            tw.write({k: v for k, v in s.items() if k != "__url__"})
+    return dst, bad_keys
+
+
+def test_corrupt_samples_are_skipped_and_counted(shards_dir, tmp_path, capsys):
+    bad_dir, bad_keys = corrupt_copy(shards_dir, tmp_path / "bad")
+    assert len(bad_keys) == 15 + 2
+    loader = make_loader(str(bad_dir), "data.wds_mode=finite", "data.batch_size=1", "data.shuffle_buffer=0",
+                         "data.num_workers=0")
+    seen, skipped = [], 0
+    for _, info in loader.iter_with_info():  # batch 1: every skip lands with the next good sample
+        skipped += info["skipped"]
+        if info["epoch"] == 1:
+            break
+        seen += info["keys"]
+    assert Counter(seen) == Counter(all_keys(shards_dir) - bad_keys)
+    assert skipped == len(bad_keys) == loader.counters()["data_skipped"]
+    err = capsys.readouterr().err
+    assert "train-000001.tar unreadable or truncated" in err and "train-000002.tar" in err
+
+
+# ----------------------------------------------------------------------------- shard specs and errors
+
+
+def test_shard_specs(shards_dir):
+    pattern = str(shards_dir / "train-{000000..000011}.tar")
+    by_pattern = resolve_shards(pattern)
+    assert len(by_pattern.urls) == 12 and len(by_pattern) == 300  # counts from shards.json beside them
+    assert resolve_shards(str(shards_dir)).urls == resolve_shards(str(shards_dir / "shards.json")).urls == by_pattern.urls
+    two = resolve_shards(f"{shards_dir}/train-{{000000..000001}}.tar, {shards_dir}/train-000005.tar")
+    assert [Path(u).name for u in two.urls] == ["train-000000.tar", "train-000001.tar", "train-000005.tar"]
+    assert len(two) == 75
+    assert split_spec("a-{0,1}.tar,b.tar::c.tar") == ["a-{0,1}.tar", "b.tar", "c.tar"]
+    piped = resolve_shards("pipe:cat /nowhere/x-{0..3}.tar", epoch_samples=100)  # commands: not checked
+    assert piped.urls[0] == "pipe:cat /nowhere/x-0.tar" and len(piped) == 100
+    cfg = load_config(None, [*TINY_DATA[:1], f"data.shards=['{pattern}', '{shards_dir}/train-000005.tar']"])
+    assert len(resolve_shards(cfg.data.shards).urls) == 13  # a YAML list works too
+
+
+def test_missing_shard_and_empty_list_are_clear_errors(tmp_path, shards_dir):
+    with pytest.raises(FileNotFoundError, match=r"shard .*missing-000000\.tar does not exist \(and 2 more of 3\)"):
+        resolve_shards(str(tmp_path / "missing-{000000..000002}.tar"))
+    with pytest.raises(FileNotFoundError, match="train-000099.tar does not exist"):
+        resolve_shards(f"{shards_dir}/train-000000.tar,{shards_dir}/train-000099.tar")
+    for empty in ("", " , ", "::"):
+        with pytest.raises(ValueError, match="names no shard"):
+            resolve_shards(empty)
+    with pytest.raises(ValueError, match="set data.epoch_samples"):
+        resolve_shards("pipe:cat x.tar")
+    with pytest.raises(FileNotFoundError, match="no shards index"):
+        resolve_shards(str(tmp_path / "shards.json"))
+
+
+def test_fewer_shards_than_readers_is_a_clear_error(shards_dir):
+    shards = resolve_shards(str(shards_dir))
+    with pytest.raises(ValueError, match=r"12 shards cannot be split over 4 ranks x 4 workers = 16 readers"):
+        check_readers(shards, "finite", 4, 4)
+    check_readers(shards, "resampled", 4, 4)  # resampled readers draw shards: any number works
+    with pytest.raises(ValueError, match="16 readers"):
+        build_dataset(make_cfg(str(shards_dir), "data.wds_mode=finite", "data.num_workers=4"), world_size=4)
+
+
+def test_config_keys_are_validated():
+    for bad, words in [("data.wds_mode=sometimes", "one of resampled, finite"),
+                       ("data.shuffle_buffer=-1", "data.shuffle_buffer"),
+                       ("data.epoch_samples=-5", "data.epoch_samples"),
+                       ("data.shards=[1, 2]", "expected shard specs")]:
+        with pytest.raises(ConfigError, match=words):
+            load_config(None, [bad])
+
+
+def test_decode_converts_cmyk_greyscale_and_png_to_rgb():
+    for mode, fmt in [("CMYK", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("RGBA", "PNG")]:
+        buf = io.BytesIO()
+        Image.new(mode, (12, 7), color=(200, 100, 50, 255)[:len(mode)] if mode != "L" else 90).save(buf, fmt)
+        expected = torch.from_numpy(np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))).permute(2, 0, 1)
+        out = decode_rgb(buf.getvalue())
+        assert out.shape == (3, 7, 12) and out.dtype == torch.uint8
+        assert (out.int() - expected.int()).abs().max() <= 2, mode  # libjpeg vs PIL colour conversion
+
+
+def test_bench_data_cli_runs(shards_dir, capsys):
+    code = cli_main(["bench", "data", "--shards", str(shards_dir), "--workers", "1", "--batches", "2",
+                     "--repeats", "1", "--warmup", "1", "--set", "data.batch_size=8", "--set", "data.crop_size=32",
+                     "--set", "mask.patch_size=8", "--set", "mask.min_keep=2"])
+    out = capsys.readouterr().out
+    assert code == 0 and "floor" in out and "x floor per worker" in out
+
+
+# ----------------------------------------------------------------------------- training through the CLI
+
+
+def final_state(run_dir: Path) -> dict:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return torch.load(run_dir / "checkpoints" / latest / "state.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_train_cli_on_shards_resumes_exactly_and_logs_skips(shards_dir, tmp_path):
+    """The tiny model trains from shards (finite, 2 workers) through the CLI; the corrupt samples of
+    a bad shard are skipped and counted in the metrics; a run stopped at step 7 (mid reader epoch)
+    and resumed ends bit-identical to the uninterrupted one."""
+    bad = tmp_path / "bad-000000.tar"
+    good = list(wds.DataPipeline(wds.SimpleShardList([str(shards_dir / "train-000000.tar")]), wds.tarfile_to_samples()))
+    with wds.TarWriter(str(bad)) as tw:
+        for i, s in enumerate(good[:4]):
+            sample = {"__key__": f"bad{i}", "cls": s["cls"], "jpg": s["jpg"]}
+            if i == 1:
+                sample["jpg"] = b"\xff\xd8 truncated jpeg"
+            if i == 2:
+                del sample["jpg"]
+            tw.write(sample)
+
+    def train(run_dir: Path, *sets: str):
+        args = ["train", "--config", str(REPO / "configs/cpu_default.yaml")]
+        spec = f"{shards_dir}/train-{{000000..000003}}.tar,{bad}"  # 100 good samples + the bad shard
+        for s in [*TINY_OVERRIDES, "data.dataset=webdataset", f"data.shards='{spec}'",
+                  "data.epoch_samples=100", "data.wds_mode=finite", "data.num_workers=2", "data.batch_size=10",
+                  "data.shuffle_buffer=40", "optimization.max_steps=14", "logging.log_freq=7",
+                  f"logging.folder={run_dir}", *sets]:
+            args += ["--set", s]
+        r = run_cli(*args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(full, "logging.checkpoint_freq=14")
+    train(split, "logging.checkpoint_freq=7", "optimization.max_steps=7")
+    r = train(split, "logging.checkpoint_freq=7")
+    assert "at step 7" in r.stderr
+    a, b = final_state(full), final_state(split)
+    for part in ("encoder", "predictor", "target_encoder"):
+        for name, value in a[part].items():
+            assert torch.equal(value, b[part][name]), f"{part}.{name} differs after resume"
+    rows = list(csv.DictReader((full / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [7, 14]
+    # 14 steps x 10 samples: each worker (70 samples) has finished its first reader epoch (~52)
+    assert int(rows[-1]["data_skipped"]) == 2
+    split_rows = list(csv.DictReader((split / "metrics.csv").open()))
+    assert split_rows[-1]["data_skipped"] == rows[-1]["data_skipped"]
