@@ -13,14 +13,12 @@
 #
 # Every node needs the repo at the same path and the run folder (logging.folder) on a shared
 # filesystem. Variables to export to remote nodes go into ~/.deepspeed_env (ssh mode).
+# Relative paths in the arguments (--config, logging.folder, ...) are relative to the repo root.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
-if [ $# -lt 3 ]; then sed -n '2,17p' "$0" >&2; exit 2; fi
+if [ $# -lt 3 ]; then usage; fi
 HOSTFILE=$(realpath "$1"); MASTER_HOST=$2; PORT=$3; shift 3
 cd "$REPO"
-if ! "$(tool python)" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
-fi
 MODE=()
 if [ -n "${NODE_RANK:-}" ]; then MODE=(--no_ssh --node_rank "$NODE_RANK"); fi
 exec "$(tool deepspeed)" --hostfile "$HOSTFILE" "${MODE[@]}" --master_addr "$MASTER_HOST" \

@@ -11,9 +11,10 @@
 # Static rendezvous (node ranks fixed by NODE_RANK): MASTER_HOST:MASTER_PORT must be reachable from
 # every node. The run folder (logging.folder) must be on a filesystem all nodes share: every rank
 # writes its part of each checkpoint into it. Under SLURM see slurm_torchrun.sbatch.
+# Relative paths in the arguments (--config, logging.folder, ...) are relative to the repo root.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
-if [ $# -lt 5 ]; then sed -n '2,14p' "$0" >&2; exit 2; fi
+if [ $# -lt 5 ]; then usage; fi
 NNODES=$1; NODE_RANK=$2; NPROC=$3; MASTER_HOST=$4; PORT=$5; shift 5
 cd "$REPO"
 exec "$(tool torchrun)" --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \

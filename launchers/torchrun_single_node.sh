@@ -6,9 +6,10 @@
 #       --set dist.strategy=fsdp --set logging.folder=runs/vith14
 #
 # MASTER_PORT (default 29500) must be free; give concurrent jobs on one machine distinct ports.
+# Relative paths in the arguments (--config, logging.folder, ...) are relative to the repo root.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
-if [ $# -lt 1 ]; then sed -n '2,9p' "$0" >&2; exit 2; fi
+if [ $# -lt 1 ]; then usage; fi
 NPROC=$1; shift
 cd "$REPO"
 exec "$(tool torchrun)" --nnodes 1 --nproc_per_node "$NPROC" --master_addr 127.0.0.1 \

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_shards_arguments(write)
     write.set_defaults(run=_shards_write)
 
-    bench = commands.add_parser("bench", help="benchmarks: data loading throughput")
+    bench = commands.add_parser("bench", help="benchmarks (bench data: the webdataset loader's images/s)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
     bench_data = bench_commands.add_parser("data", help="images/s of the webdataset loader against a "
                                            "single-process decode + augment floor, for 1 and 2 workers")

@@ -53,7 +53,7 @@ class DataConfig:
     # webdataset: brace patterns, index files/folders (shards.json) or pipe: commands, separated by
     # commas (outside braces) or "::"; a YAML list is joined with commas
     shards: str = ""
-    wds_mode: str = "resampled"  # resampled (with replacement, per-reader streams) | finite (each sample once per reader epoch)
+    wds_mode: str = "resampled"  # resampled (shards drawn with replacement) | finite (each sample once an epoch)
     shuffle_buffer: int = 1000  # samples per reader in webdataset's shuffle buffer; 0 or 1 disables it
     epoch_samples: int = 0  # samples per epoch; 0 takes the total of shards.json (needed without one)
     batch_size: int = 32  # per rank and micro-step

@@ -48,9 +48,11 @@ import heapq
 import math
 import re
 import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,8 +171,8 @@ def check_readers(shards: ShardSet, mode: str, world_size: int, num_workers: int
     readers = world_size * max(1, num_workers)
     if mode == "finite" and len(shards.urls) < readers:
         raise ValueError(
-            f"data.wds_mode finite: {len(shards.urls)} shards cannot be split over {world_size} ranks x "
-            f"{max(1, num_workers)} workers = {readers} readers; use at least {readers} shards, fewer "
+            f"data.wds_mode finite: {len(shards.urls)} shards cannot be split over {world_size} rank(s) x "
+            f"{max(1, num_workers)} worker(s) = {readers} readers; use at least {readers} shards, fewer "
             f"data.num_workers, or data.wds_mode=resampled")
 
 
@@ -274,7 +276,8 @@ class SkipLog:
         return True  # skip it and go on
 
     def read_error(self, url: str, lost: int, errors: list[Exception]) -> None:
-        why = f"{type(errors[0]).__name__}: {errors[0].args[0] if errors[0].args else errors[0]}" if errors else "ends early"
+        first = errors[0] if errors else None
+        why = f"{type(first).__name__}: {first.args[0] if first.args else first}" if first else "ends early"
         self.record((self.pos[0], self.pos[1] + 1), lost, f"shard {url} unreadable or truncated ({why})")
 
     def take(self, until: tuple[int, int]) -> int:
@@ -290,7 +293,7 @@ def _tar_samples(skips: SkipLog) -> Callable[[Iterator[dict]], Iterator[dict]]:
     def stage(shards: Iterator[dict]) -> Iterator[dict]:
         for shard in shards:
             errors: list[Exception] = []
-            read = wds.tarfile_to_samples(handler=lambda exn: errors.append(exn) or True)
+            read = wds.tarfile_to_samples(handler=lambda exn, errors=errors: errors.append(exn) or True)
             n = 0
             for sample in read(iter([{"url": shard["url"]}])):
                 n += 1
@@ -309,7 +312,7 @@ def _tar_samples(skips: SkipLog) -> Callable[[Iterator[dict]], Iterator[dict]]:
 class _BatchMaker:
     """``wds.batched`` collation: seeded crops, the mask collator, and the batch's bookkeeping."""
 
-    def __init__(self, stream: "ShardStream", worker: int, first_batch: int, skips: SkipLog):
+    def __init__(self, stream: ShardStream, worker: int, first_batch: int, skips: SkipLog):
         self.s, self.worker, self.j, self.skips = stream, worker, first_batch, skips
 
     def __call__(self, samples: list[tuple]) -> tuple:
@@ -319,14 +322,15 @@ class _BatchMaker:
         with torch.random.fork_rng(devices=[]):  # the caller's RNG stays untouched (num_workers 0)
             items = []
             for i, (_pos, _key, image, label) in enumerate(samples):
-                # the CPU generator only: torch.manual_seed also queues a CUDA seeding call with
-                # a captured traceback when CUDA is not initialised (~2 ms each, and a growing list)
+                # the CPU generator only: torch.manual_seed also queues a CUDA seeding call and
+                # formats a stack trace for it while CUDA is uninitialised (0.4-2 ms per call)
                 torch.default_generator.manual_seed(crop_seed(s.plan.seed, u, i))
                 items.append((u, s.transform(image), label))
         images, labels, masks_enc, masks_pred = s.collator(items)
         end = samples[-1][0]
         info = {"worker": self.worker, "batch": self.j, "u": u, "epoch": end[0], "offset": end[1],
-                "skipped": self.skips.take(end), "keys": [x[1] for x in samples]}
+                "skipped": self.skips.take(end), "keys": [x[1] for x in samples],
+                "cpu_s": time.process_time()}  # the worker's CPU clock, for `pijepa bench data`
         self.j += 1
         return images, labels, masks_enc, masks_pred, info
 
@@ -451,7 +455,7 @@ class WebDatasetLoader:
         return {"data_skipped": sum(r["skipped"] for r in self.readers)}
 
     def iter_with_info(self) -> Iterator[tuple[tuple, dict]]:
-        """(batch, info) pairs; info: worker, batch, u, epoch/offset after the batch, skipped, keys."""
+        """(batch, info) pairs; info: worker, batch, u, epoch/offset after the batch, skipped, keys, cpu_s."""
         if not self.positioned:
             print(f"pijepa data: no webdataset position in the checkpoint; starting fresh reader epochs "
                   f"{self.readers[0]['epoch']} at micro-batch {self.micro}", file=sys.stderr, flush=True)

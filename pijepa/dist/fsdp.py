@@ -82,6 +82,8 @@ class FSDPStrategy(Strategy):
                              "WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
         cfg = cfg or Config()
         self.cfg, self.bf16 = cfg.dist, cfg.meta.use_bfloat16
+        # The GPU is chosen before NCCL starts, so that its communicators bind to LOCAL_RANK's GPU.
+        self.device = pick_device(self.local_rank)
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, timeout=timedelta(minutes=30))
@@ -93,7 +95,6 @@ class FSDPStrategy(Strategy):
     def setup(self, models: JEPAModels, accum_steps: int, clip_grad: float,
               optimizer_kwargs: dict[str, Any]) -> JEPAModels:
         c = self.cfg
-        self.device = pick_device(self.local_rank)
         self.accum_steps, self.clip_grad = accum_steps, clip_grad
         self.mesh = build_mesh(self.device.type, self.world_size, c.fsdp_sharding, c.hybrid_shard_size)
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -95,7 +95,7 @@ class DDPStrategy(SingleStrategy):
     def __init__(self) -> None:
         super().__init__()
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise RuntimeError("dist.strategy ddp needs a distributed launch (torchrun sets RANK, "
+            raise ValueError("dist.strategy ddp needs a distributed launch (torchrun sets RANK, "
                                "WORLD_SIZE, MASTER_ADDR, MASTER_PORT); run it under torchrun")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if not dist.is_initialized():

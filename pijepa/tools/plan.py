@@ -6,40 +6,43 @@ the frozen positional tables excluded), P = all parameters of encoder + predicto
 parameters of the encoder (= the EMA target), S = ranks the state is sharded over (the world size,
 or the shard group of HSDP), N = world size. "bf16" is `meta.use_bfloat16`.
 
-Model state (the sums are the ZeRO paper's K = 12 bytes of mixed-precision Adam state per parameter,
-plus the 2-byte working copy and 2-byte gradient where the engine keeps them):
+Model state (bf16 runs; fp32 runs use 4-byte weights everywhere and have no separate master copy):
 
-| strategy     | params                   | grads                                   | optimizer           | EMA target  |
-| ------------ | ------------------------ | --------------------------------------- | ------------------- | ----------- |
-| single       | 4P fp32                  | 4Psi fp32 (from backward to the step)    | 8Psi (AdamW m, v)   | 4Pe fp32    |
-| DDP          | 4P fp32                  | + 4Psi DDP buckets, always allocated     | 8Psi                | 4Pe fp32    |
-| FSDP full    | 4P/S fp32 shards         | 4Psi/S fp32 shards                      | 8Psi/S              | 4Pe/S       |
-| FSDP grad_op | 4P/S                     | 4Psi/S                                  | 8Psi/S              | 4Pe/S       |
-| ZeRO-1       | 2P bf16                  | 2Psi bf16                               | 12Psi/N (fp32 master + m + v) | 4Pe replicated |
-| ZeRO-2       | 2P bf16                  | 2Psi/N bf16                             | 12Psi/N             | 4Pe replicated |
-| ZeRO-3       | 2P/N bf16                | 2Psi/N bf16                             | 12Psi/N             | 4Pe replicated |
+| strategy     | params              | grads                                | optimizer                      | EMA target |
+| ------------ | ------------------- | ------------------------------------ | ------------------------------ | ---------- |
+| single       | 4P fp32             | 4Psi fp32, from backward to the step | 8Psi: AdamW m, v               | 4Pe        |
+| DDP          | 4P fp32             | + 4Psi DDP buckets, always there     | 8Psi                           | 4Pe        |
+| FSDP full    | 4P/S fp32 shards    | 4Psi/S fp32 shards                   | 8Psi/S                         | 4Pe/S      |
+| FSDP grad_op | 4P/S                | 4Psi/S                               | 8Psi/S                         | 4Pe/S      |
+| ZeRO-1       | 2P bf16 module      | 4Psi fp32 accumulation buffer        | 12Psi/N: fp32 master + m + v   | 4Pe        |
+| ZeRO-2       | 2P bf16             | 4Psi/N fp32 partition                | 12Psi/N                        | 4Pe        |
+| ZeRO-3       | 2P/N bf16           | 4Psi/N fp32 partition                | 12Psi/N                        | 4Pe/N      |
 
 - FSDP2 keeps fp32 sharded parameters (the optimizer and the EMA work on them) and all-gathers
   bf16 copies for compute (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)). Transient:
   `full` holds two blocks gathered at a time (the running one and the prefetched next); `grad_op`
   keeps every gathered bf16 parameter from forward to backward (2P). The root parameters (patch
   embedding, norms, predictor projections) stay gathered. In backward each block adds its
-  unsharded bf16 gradient and the fp32 reduce-scatter input.
+  unsharded bf16 gradient and the fp32 reduce-scatter input. The EMA target is sharded like the
+  encoder.
 - Gradient accumulation: pijepa skips gradient synchronisation on all but the last micro-step. DDP
   then keeps 4Psi of param.grad between micro-steps; FSDP2 keeps the UNSHARDED gradients, upcast to
   the fp32 reduce dtype (4Psi, not 4Psi/S), until the last micro-step reduce-scatters them. This is
   counted whenever accumulation > 1 and is why FSDP prefers accumulation 1.
-- DeepSpeed bf16 (ZeRO paper accounting): bf16 module parameters, bf16 gradients, fp32 master copy +
-  Adam m, v (12 bytes) partitioned over N; gradients are partitioned from stage 2, parameters at
-  stage 3. Buffers, DeepSpeed's defaults: a reduce bucket and an all-gather bucket of 5e8 elements
-  (bf16, capped at the model size), ZeRO-3 a 5e7-element prefetch bucket plus two gathered blocks;
-  the optimizer step upcasts the local gradient partition to fp32 (4Psi/N). DeepSpeed's
-  BF16_Optimizer (ZeRO-1 with an fp32 gradient-accumulation dtype) would hold 4Psi of fp32 gradients
-  instead of 2Psi: set `data_types.grad_accum_dtype` accordingly or add the difference.
-- The EMA target is sharded exactly like the encoder under FSDP. Under DeepSpeed it lives outside
-  the engine: a replicated fp32 copy (4Pe on every rank) updated from the engine's bf16 module
-  weights (ZeRO-1/2: complete on every rank; ZeRO-3: gathered once per step, counted in the
-  communication). Sharding it by hand would save 4Pe(1 - 1/N).
+- DeepSpeed bf16 (pijepa/dist/deepspeed.py, ds_configs/): the engine holds bf16 module weights; the
+  ZeRO optimizer holds fp32 master weights and AdamW m, v (the ZeRO paper's K = 12 bytes per
+  parameter), partitioned over N; pijepa sets `data_types.grad_accum_dtype: fp32`, so gradients
+  accumulate in fp32: in a full buffer at ZeRO-1 (DeepSpeed's BF16_Optimizer), in the rank's
+  partition from ZeRO-2. Buffers, from the repository's ds_configs/zero{1,2,3}_{bf16,fp32}.json
+  (DeepSpeed's defaults where a key is absent): ZeRO-2/3 pass each micro-step's bf16 gradients
+  through the reduce bucket (two with overlap_comm); ZeRO-1 all-reduces its fp32 buffer in buckets
+  of that size at the step; ZeRO-1/2 all-gather the updated bf16 weights through the all-gather
+  bucket; ZeRO-3 holds two gathered blocks plus the prefetch bucket. Buckets are capped at the
+  model's size. The bf16 gradients that autograd produces before they reach the fp32 buffers are
+  not counted (they live per bucket).
+- EMA target under DeepSpeed: outside the engine, fp32. ZeRO-1/2: replicated (4Pe on every rank),
+  moved towards the engine's weights. ZeRO-3: partitioned by a second, optimizer-less ZeRO-3 engine
+  (4Pe/N), whose forward gathers fp32 blocks (counted as transient and as communication).
 - single/DDP under bf16 autocast: autocast caches one bf16 cast of every trainable weight for the
   forward and the autograd graph keeps it for backward (2Psi). The residual stream is fp32 there
   (fp32 positional table + bf16 branch outputs), but bf16 under FSDP and DeepSpeed, where all
@@ -56,7 +59,7 @@ measured peak memory in tests/unit/test_plan.py):
   GELU outputs 2h * c, LayerNorm statistics and the attention logsumexp (fp32); r and c are the
   residual and compute byte widths (fp32: 4, 4; bf16 autocast with fp32 weights: 4, 2; bf16 weights:
   2, 2). SDPA / flash / xformers keep O(N) per block; the `math` backend adds the fp32 softmax
-  (a * N^2 per sequence, plus its bf16 cast) and a copy of the attention output.
+  (a * N^2 per sequence, plus its bf16 cast).
 - Context encoder: B sequences of the context length; predictor: M*B sequences of context + one
   target block; plus the conv's input cast, the encoder's final norm input and output, the
   predictor's last block output (its norm keeps a view of it), projection input and output.
@@ -66,12 +69,14 @@ measured peak memory in tests/unit/test_plan.py):
 - The target encoder runs without gradient: its activations are transient (one block's working set
   over all N tokens); its output h [B, N, d] fp32 stays until the loss (and backward, conservatively).
 - Fused loss: fp32 LayerNorm-ed target rows (kept by smooth L1), the fp32 copy of bf16 predictions,
-  unit prediction rows padded to the PKT groups, and per group three C x C fp32 matrices (log input,
-  log output, target distribution); transient: the unit target rows and the C x C temporaries of
+  unit prediction rows padded to the PKT groups, and per group two C x C fp32 matrices (the log's
+  input and the target distribution); transient: the unit target rows and the C x C temporaries of
   the KL and its backward.
 
-Peak = the largest of four phases (target forward, end of forward / loss / start of backward,
-encoder backward, optimizer step); the table shows the components of the peak phase. On a GPU, a
+Peak = the largest of five phases: target forward, loss (every activation kept plus the loss's
+temporaries), the predictor's and the encoder's first block backward (what backward has released
+by then is gone; a checkpointed block recomputes its activations there), optimizer step. The table
+shows the components of the peak phase. On a GPU, a
 margin is added: CUDA_OVERHEAD (CUDA context, NCCL communicators and cuBLAS workspaces) plus
 ALLOCATOR_SLACK of the tensor peak for the caching allocator's fragmentation.
 
@@ -101,11 +106,7 @@ FP32, BF16 = 4, 2
 CUDA_OVERHEAD = 2 * GiB  # CUDA context (~0.5 GiB), NCCL communicators and buffers, cuBLAS workspaces
 ALLOCATOR_SLACK = 0.10  # reserved-but-unallocated memory of the caching allocator, fraction of the peak
 
-# DeepSpeed buffer sizes (elements), its defaults: reduce_bucket_size, allgather_bucket_size,
-# stage3_prefetch_bucket_size.
-DS_REDUCE_BUCKET = 5e8
-DS_ALLGATHER_BUCKET = 5e8
-DS_PREFETCH_BUCKET = 5e7
+REPO = Path(__file__).resolve().parents[2]
 MASK_SAMPLE_STEPS = 8  # collator draws used for the context / target lengths
 
 
@@ -245,9 +246,17 @@ class MaskTokens:
 
     @classmethod
     def from_config(cls, cfg, batch: int, steps: int = MASK_SAMPLE_STEPS) -> MaskTokens:
-        from pijepa.train.build import build_collator
+        # The collator exactly as train.build.build_collator makes it; built here so that planning
+        # does not import the data pipeline (torchvision takes seconds to import).
+        from pijepa.masks import MultiBlockMaskCollator
 
-        return cls.from_collator(build_collator(cfg), max(1, batch), steps)
+        k = cfg.mask
+        collator = MultiBlockMaskCollator(
+            input_size=cfg.data.crop_size, patch_size=k.patch_size, enc_mask_scale=k.enc_mask_scale,
+            pred_mask_scale=k.pred_mask_scale, aspect_ratio=k.aspect_ratio, nenc=k.num_enc_masks,
+            npred=k.num_pred_masks, min_keep=k.min_keep, allow_overlap=k.allow_overlap,
+            placement=k.placement, seed=cfg.meta.seed)
+        return cls.from_collator(collator, max(1, batch), steps)
 
     def _chunk_minima(self, micro_batch: int) -> torch.Tensor:
         b = min(max(1, micro_batch), self.ctx.shape[1])  # beyond the draw: its full batch (conservative)
@@ -301,10 +310,11 @@ def block_saved_bytes(seqs: float, seq_len: float, tower: Tower, prec: Precision
                  + d * c  # attention output, also the input of proj (a view, no copy)
                  + 2 * h * c)  # fc1 output (GELU input) and GELU output (fc2 input)
     if attn == "math":
-        # Explicit softmax: fp32 probabilities [seqs, heads, N, N], their cast for probs @ v, and
-        # proj's input is a copy (the transposed matmul output is not contiguous).
+        # Explicit softmax: the matmuls keep copies of q, k, v (as large as qkv), the fp32
+        # probabilities [seqs, heads, N, N] and their cast for probs @ v; proj keeps a copy of the
+        # transposed attention output (as large as SDPA's output). No logsumexp.
         probs = seqs * tower.heads * seq_len * seq_len * (FP32 + (c if c != FP32 else 0))
-        return tokens * (per_token + d * c) + probs
+        return tokens * per_token + probs
     return tokens * (per_token + tower.heads * FP32)  # flash / efficient kernels keep the logsumexp
 
 
@@ -314,10 +324,18 @@ def block_checkpointed_bytes(seqs: float, seq_len: float, tower: Tower, prec: Pr
 
 
 def block_backward_work_bytes(seqs: float, seq_len: float, tower: Tower, prec: Precision) -> float:
-    """Live gradient buffers inside one block's backward: the incoming and outgoing residual
-    gradients and, at the MLP, the gradients of the fc1 and GELU outputs."""
+    """Gradient buffers live inside one block's backward beyond its saved activations: the incoming
+    and outgoing residual gradients and, at the MLP, one MLP-width gradient net (the gradients of
+    the GELU and fc1 outputs appear as the tensors they replace are released)."""
     d, h = tower.width, tower.hidden
-    return seqs * seq_len * (2 * d * prec.residual + 2 * h * prec.compute)
+    return seqs * seq_len * (2 * d * prec.residual + h * prec.compute)
+
+
+def block_forward_work_bytes(seqs: float, seq_len: float, tower: Tower, prec: Precision) -> float:
+    """Live set of one block's forward without gradient: at the MLP, the residual stream, the
+    LayerNorm output (the MLP's argument) and the fc1 and GELU outputs."""
+    d, h = tower.width, tower.hidden
+    return seqs * seq_len * (d * prec.residual + d * max(prec.compute, prec.residual) + 2 * h * prec.compute)
 
 
 def checkpointed_blocks(depth: int, ac: str, every: int = 2) -> int:
@@ -329,6 +347,12 @@ def checkpointed_blocks(depth: int, ac: str, every: int = 2) -> int:
     return depth // max(1, every)
 
 
+def last_block_checkpointed(depth: int, ac: str, every: int = 2) -> bool:
+    """Whether the last block (the first one backward runs through) is wrapped: apply_ac wraps
+    block i when (i + 1) % every == 0."""
+    return ac == "full" or (ac == "selective" and depth % max(1, every) == 0)
+
+
 def tower_bytes(seqs: float, seq_len: float, tower: Tower, prec: Precision, ac: str, every: int,
                 attn: str) -> float:
     wrapped = checkpointed_blocks(tower.depth, ac, every)
@@ -336,11 +360,14 @@ def tower_bytes(seqs: float, seq_len: float, tower: Tower, prec: Precision, ac: 
             + (tower.depth - wrapped) * block_saved_bytes(seqs, seq_len, tower, prec, attn))
 
 
-def backward_block_bytes(seqs: float, seq_len: float, tower: Tower, prec: Precision, ac: str, attn: str) -> float:
-    """Transient of one block's backward; a checkpointed block first recomputes its activations."""
+def backward_block_bytes(seqs: float, seq_len: float, tower: Tower, prec: Precision, recompute: bool,
+                         attn: str) -> float:
+    """Transient of the first block of a tower's backward; a checkpointed block first recomputes its
+    activations (all but its input, which it kept)."""
     work = block_backward_work_bytes(seqs, seq_len, tower, prec)
-    if ac != "none":
-        work += block_saved_bytes(seqs, seq_len, tower, prec, attn)
+    if recompute:
+        work += (block_saved_bytes(seqs, seq_len, tower, prec, attn)
+                 - block_checkpointed_bytes(seqs, seq_len, tower, prec))
     return work
 
 
@@ -365,7 +392,7 @@ def loss_bytes(rows: float, dim: int, groups: float, group_size: float, loss: st
     saved += row_bytes if prec.compute != FP32 else 0.0  # fp32 copy of the bf16 predictions
     if not with_pkt:
         return saved, row_bytes  # transient: the gathered raw target rows
-    saved += padded + 3 * square  # unit prediction rows; log input, log output, target distribution
+    saved += padded + 2 * square  # unit prediction rows (padded to the groups); log input, target distribution
     transient = padded + 3 * square + (0.0 if with_l2 else row_bytes)  # unit target rows; KL temporaries
     return saved, transient
 
@@ -383,13 +410,15 @@ class Activations:
 
     inputs: float  # the fp32 image batch on the device
     target_output: float  # h, the target encoder's output
-    encoder: float  # context encoder: blocks + patch-embedding input cast + final norm
-    predictor: float  # predictor: blocks + extras + its output
+    encoder: float  # context encoder: blocks, the patch embedding's input cast, encoder_head
+    encoder_head: float  # the final norm's input and output (released before the blocks' backward)
+    predictor: float  # predictor: blocks, predictor_head
+    predictor_head: float  # last block output (kept by the norm), projection input, predictions
     loss: float  # kept by the loss for backward
     loss_transient: float
-    target_work: float  # the no-grad target forward's working set (one block over all tokens)
-    encoder_backward: float  # one encoder block's backward (+ recomputation under AC)
-    predictor_backward: float
+    target_work: float  # the no-grad target forward's live set (one block over all tokens)
+    encoder_backward: float  # the first encoder block's backward (+ its recomputation under AC)
+    predictor_backward: float  # the same for the predictor
 
     @property
     def kept(self) -> float:
@@ -404,28 +433,55 @@ def activation_bytes(shape: ModelShape, batch: int, tokens: Tokens, prec: Precis
     pixels = shape.image_size[0] * shape.image_size[1]
     ctx, tgt, m = tokens.ctx, tokens.tgt, tokens.num_targets
     seqs = m * batch  # predictor: one sequence per (target block, image)
+    encoder_head = batch * ctx * d * r + batch * ctx * d * c  # final norm input; output, kept by predictor_embed
     encoder = (tower_bytes(batch, ctx, enc, prec, ac, ac_every, attn)
                + (batch * 3 * pixels * c if c != FP32 else 0.0)  # the conv keeps its bf16-cast input
-               + batch * ctx * d * r  # final norm input
-               + batch * ctx * d * c)  # final norm output, kept by predictor_embed
-    predictor = (tower_bytes(seqs, ctx + tgt, pred, prec, ac, ac_every, attn)
-                 + seqs * (ctx + tgt) * dp * r  # last block output: predictor_norm keeps a view of it
-                 + seqs * tgt * dp * c  # predictor_proj input
-                 + seqs * tgt * d * c)  # the predictions
+               + encoder_head)
+    predictor_head = (seqs * (ctx + tgt) * dp * r  # last block output: predictor_norm keeps a view of it
+                      + seqs * tgt * dp * c  # predictor_proj input
+                      + seqs * tgt * d * c)  # the predictions
+    predictor = tower_bytes(seqs, ctx + tgt, pred, prec, ac, ac_every, attn) + predictor_head
     rows = seqs * tgt
     groups, size = pkt_groups(rows, m, tgt, loss.grouping, loss.chunk_size)
     loss_saved, loss_transient = loss_bytes(rows, d, groups, size, loss.name, prec)
-    tokens_all = batch * shape.num_patches
     return Activations(
         inputs=batch * 3 * pixels * FP32,
-        target_output=tokens_all * d * FP32,  # the final LayerNorm runs in fp32 under autocast
-        encoder=encoder, predictor=predictor, loss=loss_saved, loss_transient=loss_transient,
-        target_work=block_backward_work_bytes(batch, shape.num_patches, enc, prec),
-        encoder_backward=backward_block_bytes(batch, ctx, enc, prec, ac, attn),
-        predictor_backward=backward_block_bytes(seqs, ctx + tgt, pred, prec, ac, attn))
+        target_output=batch * shape.num_patches * d * FP32,  # the final LayerNorm runs in fp32 under autocast
+        encoder=encoder, encoder_head=encoder_head, predictor=predictor, predictor_head=predictor_head,
+        loss=loss_saved, loss_transient=loss_transient,
+        target_work=block_forward_work_bytes(batch, shape.num_patches, enc, prec),
+        encoder_backward=backward_block_bytes(batch, ctx, enc, prec,
+                                              last_block_checkpointed(enc.depth, ac, ac_every), attn),
+        predictor_backward=backward_block_bytes(seqs, ctx + tgt, pred, prec,
+                                                last_block_checkpointed(pred.depth, ac, ac_every), attn))
 
 
 # ---------------------------------------------------------------- model state per strategy
+
+
+@dataclass(frozen=True)
+class DSSettings:
+    """The DeepSpeed JSON's buffer settings that cost memory (elements; DeepSpeed's defaults)."""
+
+    reduce_bucket: float = 5e8
+    allgather_bucket: float = 5e8
+    prefetch_bucket: float = 5e7
+    overlap_comm: bool = False
+
+    @classmethod
+    def from_json(cls, path: Path) -> DSSettings:
+        zero = json.loads(path.read_text()).get("zero_optimization", {})
+        stage = int(zero.get("stage", 0))
+        return cls(float(zero.get("reduce_bucket_size", cls.reduce_bucket)),
+                   float(zero.get("allgather_bucket_size", cls.allgather_bucket)),
+                   float(zero.get("stage3_prefetch_bucket_size", cls.prefetch_bucket)),
+                   bool(zero.get("overlap_comm", stage == 3)))  # DeepSpeed turns it on for stage 3
+
+    @classmethod
+    def for_stage(cls, stage: int, bf16: bool) -> DSSettings:
+        """From the repository's ds_configs/zero{stage}_{bf16,fp32}.json, else DeepSpeed's defaults."""
+        path = REPO / "ds_configs" / f"zero{stage}_{'bf16' if bf16 else 'fp32'}.json"
+        return cls.from_json(path) if path.is_file() else cls(overlap_comm=stage == 3)
 
 
 @dataclass(frozen=True)
@@ -445,7 +501,7 @@ class State:
 
 
 def state_bytes(shape: ModelShape, strategy: str, shards: int, accum: int, bf16: bool,
-                device: str = "cuda") -> State:
+                device: str = "cuda", ds: DSSettings | None = None) -> State:
     psi, p_all, pe = shape.trainable_params, shape.params, shape.encoder_params
     pred_trainable = psi - shape.encoder_trainable
     block = max(shape.encoder.block_params, shape.predictor.block_params)
@@ -485,33 +541,33 @@ def state_bytes(shape: ModelShape, strategy: str, shards: int, accum: int, bf16:
             backward_buffers=block * (w + FP32),
             step_transient=adam_temp(psi / s))
     if is_zero(strategy):
-        stage = int(strategy[-1])
-        n = shards
+        stage, n = int(strategy[-1]), shards
+        ds = ds or DSSettings.for_stage(stage, bf16)
         master = FP32 if bf16 else 0  # fp32 master weights exist only under mixed precision
-        reduce_bucket = min(DS_REDUCE_BUCKET, psi) * w
-        gather_bucket = min(DS_ALLGATHER_BUCKET, p_all) * w
-        grad_full = psi * w
-        grad_part = psi * w / n
-        if stage == 1:
-            grads_forward, grads_step = (grad_full if accumulating else 0.0), grad_full
-            grads_partial = grad_full if accumulating else pred_trainable * w
-        else:
-            grads_forward = grad_part if accumulating else 0.0
-            grads_step = grad_part
-            grads_partial = grad_part
-        weights_forward = 0.0
-        params = p_all * w
+        # Gradients accumulate in fp32 (pijepa sets data_types.grad_accum_dtype fp32 under bf16):
+        # ZeRO-1 (DeepSpeed's BF16_Optimizer) in a full fp32 buffer, ZeRO-2/3 in fp32 partitions.
+        grads = psi * FP32 if stage == 1 else psi * FP32 / n
+        # ZeRO-2/3 send each micro-step's bf16 gradients through the reduce bucket (two with
+        # overlap_comm); ZeRO-1 all-reduces the fp32 buffer in buckets of the same size at the step.
+        ipg = min(ds.reduce_bucket, psi) * w * (2 if ds.overlap_comm else 1)
+        gather_bucket = min(ds.allgather_bucket, p_all) * w  # updated bf16 parameters after the step
         if stage == 3:
-            params = p_all * w / n
-            weights_forward = 2 * block * w + min(DS_PREFETCH_BUCKET, p_all) * w
+            # Layer by layer gathers: the running and the next block plus the prefetch bucket; the
+            # EMA target is a second ZeRO-3 engine (fp32, partitioned): its forward gathers in fp32.
+            weights_forward = 2 * block * w + min(ds.prefetch_bucket, p_all) * w
+            weights_target = 2 * shape.encoder.block_params * FP32 + min(ds.prefetch_bucket, pe) * FP32
+        else:
+            weights_forward = 0.0
+            weights_target = shape.encoder.block_params * BF16 if bf16 else 0.0  # autocast's per-op casts
+        step_buffers = (min(ds.reduce_bucket, psi) * FP32 if stage == 1 else 0.0) + (
+            gather_bucket if stage < 3 else 0.0)
         return State(
-            params=params, optimizer=psi * (master + 2 * FP32) / n, ema=pe * FP32,
-            grads_forward=grads_forward, grads_step=grads_step, grads_partial=grads_partial,
-            weights_forward=weights_forward, weights_target=shape.encoder.block_params * BF16 if bf16 else 0.0,
-            backward_buffers=reduce_bucket if stage > 1 else 0.0,
-            # The step upcasts the local gradient partition to fp32, then all-gathers the updated
-            # bf16 parameters through the all-gather bucket (stage 1/2); fused Adam has no temporaries.
-            step_transient=psi * FP32 / n + (reduce_bucket + gather_bucket if stage < 3 else 0.0))
+            params=p_all * w / (n if stage == 3 else 1), optimizer=psi * (master + 2 * FP32) / n,
+            ema=pe * FP32 / (n if stage == 3 else 1),
+            grads_forward=grads, grads_step=grads, grads_partial=grads,
+            weights_forward=weights_forward, weights_target=weights_target,
+            backward_buffers=ipg if stage > 1 else 0.0,
+            step_transient=adam_temp(psi / n) + step_buffers)
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGY_NAMES)}")
 
 
@@ -547,15 +603,19 @@ def estimate_memory(shape: ModelShape, batch: int, tokens: Tokens, strategy: str
     """Peak memory of one GPU (or one CPU process) for a micro-step of `batch` images."""
     st = state_bytes(shape, strategy, shards, accum, bf16, device)
     act = activation_bytes(shape, batch, tokens, precision(strategy, bf16), ac, ac_every, attn, loss)
-    enc_kept = act.inputs + act.target_output + act.encoder
+    # Backward releases what it has used: when the predictor's first block runs, the loss and the
+    # predictor head are gone; when the encoder's first block runs, the whole predictor too (its
+    # gradients are there, the encoder's are coming).
+    pred_backward = act.kept - act.loss - act.predictor_head
+    enc_backward = act.inputs + act.target_output + act.encoder - act.encoder_head
     # (grads, activations, transient) of each phase; params, optimizer and EMA are always resident.
     phases = {
         "target forward": (st.grads_forward, act.inputs, st.weights_target + act.target_work),
-        "forward/backward": (st.grads_forward, act.kept, st.weights_forward + max(
-            act.loss_transient, st.backward_buffers + act.predictor_backward)),
-        # The predictor's activations are gone, its gradients are there, the encoder's are coming.
-        "encoder backward": (st.grads_partial, enc_kept, st.weights_forward + st.backward_buffers
-                             + act.encoder_backward),
+        "loss": (st.grads_forward, act.kept, st.weights_forward + act.loss_transient),
+        "predictor backward": (st.grads_forward, pred_backward,
+                               st.weights_forward + st.backward_buffers + act.predictor_backward),
+        "encoder backward": (st.grads_partial, enc_backward,
+                             st.weights_forward + st.backward_buffers + act.encoder_backward),
         "optimizer step": (st.grads_step, 0.0, st.step_transient),
     }
     resident = st.params + st.optimizer + st.ema
@@ -619,13 +679,18 @@ def communication_bytes(shape: ModelShape, strategy: str, world: int, accum: int
         across = 2 * ring(psi * FP32 / s, replicas) if replicas > 1 else 0.0  # HSDP: all-reduce of shards
         return Communication(accum * ring(gathers * w, s), ring(psi * FP32, s), across)
     stage = int(strategy[-1])
-    # DeepSpeed reduces bf16 gradients: once per step at stage 1, every micro-step from stage 2.
-    reduce = ring(psi * w, world) * (1 if stage == 1 else accum)
-    if stage < 3:
-        gather = ring(p_all * w, world)  # updated bf16 parameters after the step
-    else:
-        gather = accum * 2 * ring(p_all * w, world) + ring(pe * w, world)  # fwd + bwd; encoder for the EMA
-    return Communication(gather, reduce, 0.0)
+    if stage == 1:
+        # The fp32 accumulation buffer is reduced once per step: all-reduced by DeepSpeed's
+        # BF16_Optimizer (bf16), reduce-scattered by the ZeRO optimizer (fp32).
+        grads = (0.0, 2 * ring(psi * FP32, world)) if bf16 else (ring(psi * FP32, world), 0.0)
+        return Communication(ring(p_all * w, world), *grads)
+    # From stage 2 every micro-step's bf16 gradients are reduce-scattered into the partitions.
+    reduce = accum * ring(psi * w, world)
+    if stage == 2:
+        return Communication(ring(p_all * w, world), reduce, 0.0)  # + updated parameters after the step
+    # Stage 3: encoder + predictor gathered for forward and again for backward, the fp32 target
+    # engine gathered for its forward, every micro-step; the EMA works on partitions (no traffic).
+    return Communication(accum * (2 * ring(p_all * w, world) + ring(pe * FP32, world)), reduce, 0.0)
 
 
 # ---------------------------------------------------------------- the plan
@@ -829,7 +894,7 @@ def format_plan(plan: dict[str, Any], config_name: str) -> str:
     lines.append("mb = largest micro-batch dividing the per-GPU batch that fits (memory columns at it; at 1 "
                  "when none fits); max mb = largest that fits at all; step s = FLOPs / (utilisation x peak), "
                  "communication not included; AG / RS / AR = all-gather / reduce-scatter / all-reduce GB per "
-                 "GPU per optimizer step. ZeRO rows assume DeepSpeed's default bucket sizes.")
+                 "GPU per optimizer step. ZeRO rows use the buffer sizes of ds_configs/zero{1,2,3}_*.json.")
     best = plan["best"]
     if best is not None:
         lines.append(f"fastest that fits: {best.label}, AC {best.ac}, micro-batch {best.micro_batch} x "
@@ -869,8 +934,7 @@ def plan_to_json(plan: dict[str, Any], config_name: str) -> dict[str, Any]:
         "bf16": ctx.bf16, "attn_backend": ctx.attn, "loss": asdict(ctx.loss),
         "tokens": {"worst": asdict(worst), "mean": asdict(mean)},
         "assumptions": {"cuda_overhead_bytes": CUDA_OVERHEAD, "allocator_slack": ALLOCATOR_SLACK,
-                        "ds_reduce_bucket": DS_REDUCE_BUCKET, "ds_allgather_bucket": DS_ALLGATHER_BUCKET,
-                        "ds_prefetch_bucket": DS_PREFETCH_BUCKET},
+                        "deepspeed": {f"zero{k}": asdict(DSSettings.for_stage(k, ctx.bf16)) for k in (1, 2, 3)}},
         "rows": [row(r) for r in plan["rows"]],
         "best": row(best) if best is not None else None,
         "configured": {**{k: v for k, v in cf.items() if k != "memory"}, "memory_bytes": memory(cf["memory"])},

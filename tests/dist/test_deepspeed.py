@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-1/2/3 in real processes (gloo, CPU): equivalence with one process, EMA target,
 resume, launchers, bad DeepSpeed JSON.
 
-Runs are tiny (ViT-Tiny, 32 px, patch 8, 6 steps) and shared between the tests of this module.
+Runs are tiny (ViT-Tiny, 32 px, patch 8, 4 steps) and shared between the tests of this module.
 The comparison relies on the step-addressed data (README): one process with accumulation 2 sees
 exactly the images, crops and masks that two ranks without accumulation see.
 """
@@ -19,14 +19,15 @@ import torch
 
 from pijepa.config import ConfigError, load_config
 from pijepa.dist.deepspeed import build_ds_config, read_full_state
+from pijepa.train.build import build_models
 from tests.conftest import REPO, TINY_OVERRIDES, run_cli
 
 BIN = Path(sys.executable).parent
-STEPS = 6
+STEPS = 4
 CONFIG = str(REPO / "configs/cpu_default.yaml")
-# log every step; checkpoints at 3 and 6; clipping below the tiny model's gradient norms (~0.3) so
+# log every step; checkpoints at 2 and 4; clipping below the tiny model's gradient norms (~0.3) so
 # that it acts on every step; a fast EMA (m = 0.5) so that a lost target update shows.
-COMMON = [*TINY_OVERRIDES, "logging.log_freq=1", "logging.checkpoint_freq=3", f"optimization.max_steps={STEPS}",
+COMMON = [*TINY_OVERRIDES, "logging.log_freq=1", "logging.checkpoint_freq=2", f"optimization.max_steps={STEPS}",
           "logging.tensorboard=false", "optimization.clip_grad=0.25", "optimization.ema=[0.5,0.5]"]
 ENV = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                               str(Path.home() / ".cache/pijepa-torch-extensions")),
@@ -107,6 +108,10 @@ def runs(tmp_path_factory):
             run_dir = root / name
             if name == "single":  # the reference: one process, accumulation 2, same effective batch
                 ok(run_cli("train", *train_args(run_dir, "data.global_batch_size=16"), env=ENV))
+            elif name == "zero3_fp32":  # 2 ranks: torchrun_multi_node.sh on 2 simulated nodes
+                r = two_node_torchrun(run_dir, *ds_sets(3))
+                (run_dir / "stdout.txt").write_text(r.stdout)
+                (run_dir / "stderr.txt").write_text(r.stderr)
             else:  # "zero{stage}_{precision}": 2 ranks under torchrun, no accumulation
                 stage, precision = int(name[4]), name.split("_")[1]
                 r = ok(torchrun(run_dir, *ds_sets(stage, precision)))
@@ -116,6 +121,16 @@ def runs(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+def initial_target(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The target encoder at step 0 (built from the same config and seed as the runs)."""
+    return build_models(load_config(CONFIG, train_args(run_dir)[3::2])).target_encoder.state_dict()
+
+
+def movement(state: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All elements of `state - init`, flattened (the frozen positional embedding moves by 0)."""
+    return torch.cat([(state[n].float() - v).flatten() for n, v in init.items()])
 
 
 def single_state(run_dir: Path) -> dict:
@@ -144,10 +159,8 @@ def test_zero_fp32_matches_single_process(runs, stage):
     # outside the tolerance; it must also have moved away from its initial value.
     want, have = single_state(ref_dir), read_full_state(last_checkpoint(ds_dir))
     assert_close_states(have, want, atol=2e-5)
-    from pijepa.train.build import build_models
-    init = build_models(load_config(CONFIG, train_args(ds_dir)[3::2])).target_encoder.state_dict()
-    moved = max((want["target_encoder"][n] - v).abs().max().item() for n, v in init.items())
-    assert moved > 1e-3, "the reference target did not move: the EMA check would prove nothing"
+    moved = movement(want["target_encoder"], initial_target(ds_dir)).abs().max().item()
+    assert moved > 20 * 2e-5, "the reference target hardly moved: the EMA check would prove nothing"
 
     # Rank 0 alone logs: one console line per log step (tqdm.write, stdout), one metrics row per step.
     lines = [line for line in (ds_dir / "stdout.txt").read_text().splitlines() if line.startswith("step ")]
@@ -167,8 +180,13 @@ def test_zero_bf16_trains_and_stays_finite(runs, stage):
     state = read_full_state(last_checkpoint(runs(f"zero{stage}_bf16")))
     for part in ("encoder", "predictor", "target_encoder"):
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state[part].values()), part
-    # The fp32 target follows the fp32 reference's to bf16 precision (a lost update would be ~1e-2).
-    assert_close_states(state, single_state(runs("single")), atol=2e-3, parts=("target_encoder",))
+    # The EMA target moved like the fp32 reference's: same direction, same distance (bf16 training
+    # takes a slightly different path, so elementwise closeness would prove little at 6 steps).
+    init = initial_target(runs("single"))
+    ours = movement(state["target_encoder"], init)
+    ref = movement(single_state(runs("single"))["target_encoder"], init)
+    cosine = torch.nn.functional.cosine_similarity(ours, ref, dim=0).item()
+    assert cosine > 0.9 and 0.8 < ours.norm().item() / ref.norm().item() < 1.25, (cosine, ours.norm(), ref.norm())
 
 
 # ---------------------------------------------------------------- 3. resume
@@ -178,16 +196,16 @@ def test_zero_bf16_trains_and_stays_finite(runs, stage):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_continues_identically(runs, tmp_path, stage):
-    """Resume from the step-3 checkpoint, copied to another run folder (so no path written into
-    it may be absolute), and train to step 6: the same losses and the same final state."""
+    """Resume from the step-2 checkpoint, copied to another run folder (so no path written into
+    it may be absolute), and train to step 4: the same losses and the same final state."""
     full = runs(f"zero{stage}_fp32")
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
-    (resumed / "checkpoints" / "latest").write_text("step_00000003\n")
+    shutil.copytree(full / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
     r = ok(torchrun(resumed, *ds_sets(stage)))
-    assert "resumed from" in r.stderr and "at step 3" in r.stderr
-    assert [row["loss"] for row in metrics(resumed)] == [row["loss"] for row in metrics(full)][3:]
+    assert "resumed from" in r.stderr and "at step 2" in r.stderr
+    assert [row["loss"] for row in metrics(resumed)] == [row["loss"] for row in metrics(full)][2:]
     a, b = read_full_state(last_checkpoint(full)), read_full_state(last_checkpoint(resumed))
     assert_close_states(a, b, atol=0.0)
 
@@ -220,15 +238,23 @@ def two_node_launch(script_args: list[list[str]], envs: list[dict]) -> list[subp
     return results
 
 
+def two_node_torchrun(run_dir: Path, *sets: str) -> subprocess.CompletedProcess:
+    """launchers/torchrun_multi_node.sh on two simulated nodes of one process each (loopback)."""
+    port = str(free_port())
+    args = [[str(REPO / "launchers/torchrun_multi_node.sh"), "2", str(node), "1", "127.0.0.1", port,
+             *train_args(run_dir, *sets)] for node in (0, 1)]
+    node0, node1 = [ok(r) for r in two_node_launch(args, [{}, {}])]
+    return node0
+
+
 @pytest.mark.dist
 @pytest.mark.slow
-def test_torchrun_multi_node_launcher_two_simulated_nodes(runs, tmp_path):
-    run_dir, port = tmp_path / "torchrun2n", str(free_port())
-    args = [[str(REPO / "launchers/torchrun_multi_node.sh"), "2", str(node), "1", "127.0.0.1", port,
-             *train_args(run_dir, *ds_sets(3))] for node in (0, 1)]
-    for r in two_node_launch(args, [{}, {}]):
-        ok(r)
-    assert [row["loss"] for row in metrics(run_dir)] == [row["loss"] for row in metrics(runs("zero3_fp32"))]
+def test_torchrun_multi_node_launcher_two_simulated_nodes(runs):
+    """The ZeRO-3 run of the module is launched this way (see `runs`); it matches one process."""
+    run_dir = runs("zero3_fp32")
+    assert (run_dir / "stdout.txt").read_text().count(f"step {STEPS}/{STEPS} ") == 1  # node 0 logs
+    ref = metrics(runs("single"))
+    assert [r["loss"] for r in metrics(run_dir)] == pytest.approx([r["loss"] for r in ref], rel=1e-5)
 
 
 @pytest.mark.dist

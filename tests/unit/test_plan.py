@@ -1,0 +1,259 @@
+"""`pijepa plan` (pijepa/tools/plan.py): the memory model against what PyTorch really keeps and
+really allocates, the state formulas, and the plans of the published recipes.
+
+The memory model is checked three ways, from exact to end-to-end:
+- the tensors autograd saves for backward (saved-tensor hooks, exact byte counts) against the
+  per-block and per-part formulas, fp32 and bf16 autocast;
+- the peak GPU memory recorded in docs/perf.md (ViT-H/14 on an H200, bf16, single process);
+- the peak resident memory (VmHWM) of real fp32 training steps on CPU in a fresh process, for
+  several batch sizes with and without activation checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pijepa.config import load_config
+from pijepa.masks import MultiBlockMaskCollator
+from pijepa.models import Block, build_encoder
+from pijepa.tools import plan as P
+from tests.conftest import REPO
+
+MiB = 2**20
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def saved_storages(fn, exclude: set[int]):
+    """Run `fn` and return {storage pointer: (bytes, shape, dtype)} of every tensor autograd saved
+    for backward, storages in `exclude` (the parameters) left out."""
+    seen: dict[int, tuple[int, tuple, torch.dtype]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude and t.dtype.is_floating_point:
+            seen[storage.data_ptr()] = (storage.nbytes(), tuple(t.shape), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return seen, out
+
+
+def storage_ptrs(*modules: torch.nn.Module) -> set[int]:
+    return {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+
+
+def weight_cast_bytes(seen: dict, *modules: torch.nn.Module) -> float:
+    """Bytes of autocast's bf16 weight casts among the saved tensors (matched by shape)."""
+    # Linear saves the cast weight transposed (a view of the cast): either orientation.
+    shapes = {s for m in modules for p in m.parameters() if p.dim() == 2 for s in (tuple(p.shape), tuple(p.shape)[::-1])}
+    return sum(b for b, shape, dtype in seen.values() if dtype == torch.bfloat16 and shape in shapes)
+
+
+def tiny_jepa(model="vit_tiny", img=96, patch=8, pred_depth=6, pred_dim=96):
+    from pijepa.tools.bench_step import build_jepa
+
+    return build_jepa(model, patch, img, pred_depth, pred_dim, torch.device("cpu"), "sdpa")
+
+
+# ----------------------------------------------------------------------------- saved tensors
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("attn", ["sdpa", "math"])
+def test_block_saved_bytes_match_autograd(bf16: bool, attn: str) -> None:
+    torch.manual_seed(0)
+    block = Block(192, 3, attn_backend=attn)
+    batch, tokens = 4, 50
+    x = torch.randn(batch, tokens, 192, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        seen, _ = saved_storages(lambda: block(x), storage_ptrs(block))
+    measured = sum(b for b, *_ in seen.values()) - weight_cast_bytes(seen, block)
+    tower = P.Tower(width=192, depth=1, heads=3, hidden=768, block_params=0)
+    predicted = P.block_saved_bytes(batch, tokens, tower, P.precision("single", bf16), attn)
+    assert predicted == pytest.approx(measured, rel=0.01)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_forward_saved_bytes_match_model(bf16: bool) -> None:
+    """Encoder, predictor and fused loss, part by part, against the tensors autograd keeps."""
+    models = tiny_jepa(img=64)
+    batch = 8  # 4 x 8 target blocks of 12 tokens: two PKT chunks of 256 rows, the last one padded
+    collator = MultiBlockMaskCollator(input_size=64, patch_size=8, seed=0)
+    masks_enc, masks_pred = collator.sample_masks(batch, 0)
+    images = torch.randn(batch, 3, 64, 64)
+    from pijepa.losses import build_loss
+
+    loss_fn = build_loss("L2_PKT", chunk_size=256, fused=True)
+    params = storage_ptrs(models.encoder, models.predictor, models.target_encoder)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad():
+            h = models.target_encoder(images)
+        enc_seen, ctx = saved_storages(lambda: models.encoder(images, masks_enc), params)
+        pred_seen, z = saved_storages(lambda: models.predictor(ctx, masks_enc, masks_pred), params | set(enc_seen))
+        loss_seen, _ = saved_storages(lambda: loss_fn(z, h, masks_pred),
+                                      params | set(enc_seen) | set(pred_seen) | {z.untyped_storage().data_ptr()})
+    shape = P.model_shape("vit_tiny", 8, 64, 6, 96)
+    tokens = P.Tokens(masks_enc.shape[-1], masks_pred.shape[-1], masks_pred.shape[0])
+    act = P.activation_bytes(shape, batch, tokens, P.precision("single", bf16))
+    encoder = sum(b for b, *_ in enc_seen.values()) - weight_cast_bytes(enc_seen, models.encoder)
+    predictor = (sum(b for b, *_ in pred_seen.values()) - weight_cast_bytes(pred_seen, models.predictor)
+                 + z.untyped_storage().nbytes())  # the model counts the predictions with the predictor
+    loss = sum(b for b, *_ in loss_seen.values())
+    assert act.encoder == pytest.approx(encoder, rel=0.02)
+    assert act.predictor == pytest.approx(predictor, rel=0.02)
+    assert act.loss == pytest.approx(loss, rel=0.1)
+    assert act.target_output == h.untyped_storage().nbytes()
+
+
+# ----------------------------------------------------------------------------- GPU measurements
+
+
+# docs/perf.md, "Full training step, ViT-H/14 at 224 px, predictor depth 12 width 384, bf16
+# autocast", rows "sdpa + fused loss": batch -> torch.cuda.max_memory_allocated in GB (GiB) on an
+# H200, one process, AdamW states present, masks of MultiBlockMaskCollator(224, 14, seed 0) step 0.
+PERF_MD_H200_PEAK_GIB = {32: 16.4, 64: 20.7, 128: 31.4, 256: 52.0}
+
+
+@pytest.mark.parametrize("batch", sorted(PERF_MD_H200_PEAK_GIB))
+def test_model_matches_h200_peaks_in_perf_md(batch: int) -> None:
+    shape = P.model_shape("vit_huge", 14, 224, 12, 384)
+    masks_enc, masks_pred = MultiBlockMaskCollator(input_size=224, patch_size=14, seed=0).sample_masks(batch, 0)
+    tokens = P.Tokens(masks_enc.shape[-1], masks_pred.shape[-1], masks_pred.shape[0])
+    mem = P.estimate_memory(shape, batch, tokens, "single", bf16=True, device="cuda")
+    # max_memory_allocated counts tensors only: compare without the CUDA / allocator margin.
+    assert mem.tensors / P.GiB == pytest.approx(PERF_MD_H200_PEAK_GIB[batch], rel=0.10)
+    assert mem.peak_phase == "loss"
+
+
+# ----------------------------------------------------------------------------- measured CPU peaks
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _measure_worker(cases_json: str) -> None:
+    """In a fresh process: one real fp32 training step per case, its peak resident memory.
+
+    Per case: build the models (encoder, predictor, EMA copy) and AdamW, run a warm-up step at
+    batch 2 (creates AdamW's states, thread pools and kernels' buffers), then reset VmHWM and run
+    the measured step at the case's batch. Reports, in MiB: `base` (the process before building
+    anything: interpreter, torch and its warmed-up runtime), `resident` (after the warm-up), `before` (inputs created, just
+    before the step) and `peak` (VmHWM during the step).
+    """
+    from pijepa.dist.base import ema_update_, param_groups
+    from pijepa.dist.parallelize import apply_ac
+    from pijepa.losses import build_loss
+    from pijepa.tools.bench_step import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    cases = json.loads(cases_json)
+    out = []
+    # Once per process: a throwaway step, so that what the runtime allocates lazily on first use
+    # (thread pools, kernel scratch) belongs to the baseline, not to the first case.
+    first = dict(cases[0], batch=2)
+    for case in [first, *cases]:
+        gc.collect()
+        base = _rss_mib()
+        models = tiny_jepa(case["model"], case["img"], case["patch"], case["pred_depth"], case["pred_dim"])
+        opt = torch.optim.AdamW(param_groups(models), lr=1e-4, weight_decay=0.04)
+        online = dict(models.encoder.named_parameters())
+        pairs = [(p, online[n]) for n, p in models.target_encoder.named_parameters() if online[n].requires_grad]
+        for m in (models.encoder, models.predictor):
+            apply_ac(m, case["ac"])
+        loss_fn = build_loss("L2_PKT", chunk_size=256, fused=True)
+        collator = MultiBlockMaskCollator(input_size=case["img"], patch_size=case["patch"], seed=0)
+
+        def step(images, masks_enc, masks_pred):
+            # bench_step.make_step's step: h stays alive through backward, as there.
+            with torch.no_grad():
+                h = models.target_encoder(images)
+            z = models.predictor(models.encoder(images, masks_enc), masks_enc, masks_pred)
+            loss, _ = loss_fn(z, h, masks_pred)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema_update_([t for t, _ in pairs], [s for _, s in pairs], 0.996)
+
+        step(torch.randn(2, 3, case["img"], case["img"]), *collator.sample_masks(2, 1))
+        gc.collect()
+        resident = _rss_mib()
+        images = torch.randn(case["batch"], 3, case["img"], case["img"])
+        masks_enc, masks_pred = collator.sample_masks(case["batch"], 0)
+        gc.collect()
+        before = _rss_mib()
+        reset_peak_memory(cpu)
+        step(images, masks_enc, masks_pred)
+        peak = peak_memory_mb(cpu)
+        out.append({**case, "base": base, "resident": resident, "before": before, "peak": peak,
+                    "ctx": masks_enc.shape[-1], "tgt": masks_pred.shape[-1]})
+        del models, opt, online, pairs, step, images
+    print(json.dumps(out[1:]))
+
+
+def measure_cpu_peaks(cases: list[dict]) -> list[dict]:
+    # Large allocations through mmap (not the heap): freed tensors go back to the OS at once, so
+    # the resident set follows the live tensors instead of glibc's high-water mark of its heap.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    code = f"import sys; from tests.unit.test_plan import _measure_worker; _measure_worker(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(cases)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def predicted_cpu(case: dict) -> dict[str, float]:
+    """The model's numbers for a measured case, in MiB: resident state, the step's increment over
+    `before` (state and the input batch already there) and the total over the process baseline."""
+    shape = P.model_shape(case["model"], case["patch"], case["img"], case["pred_depth"], case["pred_dim"])
+    tokens = P.Tokens(case["ctx"], case["tgt"], 4)
+    mem = P.estimate_memory(shape, case["batch"], tokens, "single", ac=case["ac"], bf16=False, device="cpu")
+    act = P.activation_bytes(shape, case["batch"], tokens, P.precision("single", False), case["ac"])
+    resident = mem.params + mem.optimizer + mem.ema
+    peak = max(mem.phases.values())
+    return {"resident": resident / MiB, "increment": (peak - resident - act.inputs) / MiB, "total": peak / MiB,
+            "phase": mem.peak_phase}
+
+
+CPU_CASES = [
+    # ViT-Tiny/8 at 96 px (144 patches) with a narrow predictor: step increments of 185 MiB to
+    # 950 MiB against a resident state of ~90 MiB and a few MiB of allocator noise.
+    {"model": "vit_tiny", "img": 96, "patch": 8, "pred_depth": 6, "pred_dim": 96, "batch": 32, "ac": "none"},
+    {"model": "vit_tiny", "img": 96, "patch": 8, "pred_depth": 6, "pred_dim": 96, "batch": 64, "ac": "none"},
+    {"model": "vit_tiny", "img": 96, "patch": 8, "pred_depth": 6, "pred_dim": 96, "batch": 64, "ac": "full"},
+]
+
+
+@pytest.mark.slow
+def test_model_matches_measured_cpu_peak_memory() -> None:
+    rows = measure_cpu_peaks(CPU_CASES)
+    report = []
+    for r in rows:
+        p = predicted_cpu(r)
+        measured = {"resident": r["resident"] - r["base"], "increment": r["peak"] - r["before"],
+                    "total": r["peak"] - r["base"]}
+        report.append(f"B={r['batch']:>3} AC {r['ac']:<4} ctx {r['ctx']} tgt {r['tgt']}: " + ", ".join(
+            f"{k} measured {measured[k]:.0f} model {p[k]:.0f} MiB" for k in measured))
+        for key in measured:
+            assert p[key] == pytest.approx(measured[key], rel=0.15), "\n".join(report)
+    print("\n".join(report))
+    # Checkpointing must save at least half of the activations at the same batch.
+    by = {(r["batch"], r["ac"]): r["peak"] - r["before"] for r in rows}
+    assert by[(64, "full")] < 0.5 * by[(64, "none")]
