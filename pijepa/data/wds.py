@@ -118,10 +118,14 @@ def _local_path(url: str) -> Path:
 
 @functools.lru_cache(maxsize=64)
 def _index_counts(folder: str) -> dict[str, int]:
-    """Shard name -> sample count from ``folder/shards.json``, or {} when there is no index."""
+    """Shard name -> sample count from ``folder/shards.json``, or {} when there is none (or it is
+    another tool's file of that name: the counts are only a convenience for patterns)."""
     if not (Path(folder) / INDEX_NAME).is_file():
         return {}
-    return {s["name"]: int(s["num_samples"]) for s in read_index(folder)["shards"]}
+    try:
+        return {s["name"]: int(s["num_samples"]) for s in read_index(folder)["shards"]}
+    except (ValueError, KeyError, TypeError):
+        return {}
 
 
 def _expand(item: str) -> list[tuple[str, int | None]]:
@@ -457,8 +461,9 @@ class WebDatasetLoader:
     def iter_with_info(self) -> Iterator[tuple[tuple, dict]]:
         """(batch, info) pairs; info: worker, batch, u, epoch/offset after the batch, skipped, keys, cpu_s."""
         if not self.positioned:
-            print(f"pijepa data: no webdataset position in the checkpoint; starting fresh reader epochs "
-                  f"{self.readers[0]['epoch']} at micro-batch {self.micro}", file=sys.stderr, flush=True)
+            print(f"pijepa data: the checkpoint holds no webdataset loader position; starting every reader "
+                  f"at the start of reader epoch {self.readers[0]['epoch']} (micro-batch {self.micro})",
+                  file=sys.stderr, flush=True)
             self.positioned = True
         workers = self.plan.workers
         stream = ShardStream(self.plan, self.rank, self.batch_size, self.shuffle_buffer, self.transform,

@@ -8,15 +8,15 @@ or the shard group of HSDP), N = world size. "bf16" is `meta.use_bfloat16`.
 
 Model state (bf16 runs; fp32 runs use 4-byte weights everywhere and have no separate master copy):
 
-| strategy     | params              | grads                                | optimizer                      | EMA target |
-| ------------ | ------------------- | ------------------------------------ | ------------------------------ | ---------- |
-| single       | 4P fp32             | 4Psi fp32, from backward to the step | 8Psi: AdamW m, v               | 4Pe        |
-| DDP          | 4P fp32             | + 4Psi DDP buckets, always there     | 8Psi                           | 4Pe        |
-| FSDP full    | 4P/S fp32 shards    | 4Psi/S fp32 shards                   | 8Psi/S                         | 4Pe/S      |
-| FSDP grad_op | 4P/S                | 4Psi/S                               | 8Psi/S                         | 4Pe/S      |
-| ZeRO-1       | 2P bf16 module      | 4Psi fp32 accumulation buffer        | 12Psi/N: fp32 master + m + v   | 4Pe        |
-| ZeRO-2       | 2P bf16             | 4Psi/N fp32 partition                | 12Psi/N                        | 4Pe        |
-| ZeRO-3       | 2P/N bf16           | 4Psi/N fp32 partition                | 12Psi/N                        | 4Pe/N      |
+| strategy     | params           | grads                               | optimizer                    | EMA    |
+| ------------ | ---------------- | ----------------------------------- | ---------------------------- | ------ |
+| single       | 4P fp32          | 4Psi fp32, from backward to step    | 8Psi: AdamW m, v             | 4Pe    |
+| DDP          | 4P fp32          | + 4Psi DDP buckets, always there    | 8Psi                         | 4Pe    |
+| FSDP full    | 4P/S fp32 shards | 4Psi/S fp32 shards                  | 8Psi/S                       | 4Pe/S  |
+| FSDP grad_op | 4P/S             | 4Psi/S                              | 8Psi/S                       | 4Pe/S  |
+| ZeRO-1       | 2P bf16 module   | 4Psi fp32 accumulation buffer       | 12Psi/N: fp32 master + m + v | 4Pe    |
+| ZeRO-2       | 2P bf16          | 4Psi/N fp32 partition               | 12Psi/N                      | 4Pe    |
+| ZeRO-3       | 2P/N bf16        | 4Psi/N fp32 partition               | 12Psi/N                      | 4Pe/N  |
 
 - FSDP2 keeps fp32 sharded parameters (the optimizer and the EMA work on them) and all-gathers
   bf16 copies for compute (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)). Transient:
@@ -102,12 +102,12 @@ GiB = 2**30
 MiB = 2**20
 FP32, BF16 = 4, 2
 
-# Device memory as nvidia-smi reports it, and the datasheet dense bf16 tensor-core peak (SXM parts).
 CUDA_OVERHEAD = 2 * GiB  # CUDA context (~0.5 GiB), NCCL communicators and buffers, cuBLAS workspaces
 ALLOCATOR_SLACK = 0.10  # reserved-but-unallocated memory of the caching allocator, fraction of the peak
 
 REPO = Path(__file__).resolve().parents[2]
 MASK_SAMPLE_STEPS = 8  # collator draws used for the context / target lengths
+MASK_DRAW_BATCH = 256  # images per draw at most; larger micro-batches reuse its (longer) context length
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,7 @@ class GPUSpec:
     bf16_flops: float  # dense bf16 peak, FLOP/s
 
 
+# Device memory as nvidia-smi reports it, and the datasheet dense bf16 tensor-core peak (SXM parts).
 GPUS: dict[str, GPUSpec] = {
     "a100-40gb": GPUSpec("A100-SXM4-40GB", 40960 * MiB, 312e12),
     "a100-80gb": GPUSpec("A100-SXM4-80GB", 81920 * MiB, 312e12),
@@ -124,9 +125,8 @@ GPUS: dict[str, GPUSpec] = {
     "h200-141gb": GPUSpec("H200-SXM-141GB", 143771 * MiB, 989e12),
 }
 
-# The strategies the plan compares, in table order, with their display names. `single` (one process,
-# no wrapper) is the reference the memory tests run; `fsdp_hybrid` appears only for a config asking
-# for it.
+# Display names. The plan compares PLAN_STRATEGIES, in that order; `single` (one process, no
+# wrapper) is what the memory tests measure; `fsdp_hybrid` appears only for a config asking for it.
 STRATEGY_NAMES = {
     "single": "single", "ddp": "DDP", "fsdp_full": "FSDP full", "fsdp_grad_op": "FSDP grad_op",
     "fsdp_hybrid": "FSDP hybrid", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3",
@@ -203,11 +203,6 @@ def model_shape(model_name: str, patch_size: int, img_size: int, pred_depth: int
         num_patches=encoder.num_patches, image_size=tuple(encoder.img_size), patch_size=encoder.patch_size)
 
 
-def config_shape(cfg) -> ModelShape:
-    return model_shape(cfg.meta.model_name, cfg.mask.patch_size, cfg.data.crop_size, cfg.meta.pred_depth,
-                       cfg.meta.pred_emb_dim)
-
-
 # ---------------------------------------------------------------- tokens from the mask config
 
 
@@ -256,7 +251,7 @@ class MaskTokens:
             pred_mask_scale=k.pred_mask_scale, aspect_ratio=k.aspect_ratio, nenc=k.num_enc_masks,
             npred=k.num_pred_masks, min_keep=k.min_keep, allow_overlap=k.allow_overlap,
             placement=k.placement, seed=cfg.meta.seed)
-        return cls.from_collator(collator, max(1, batch), steps)
+        return cls.from_collator(collator, min(max(1, batch), MASK_DRAW_BATCH), steps)
 
     def _chunk_minima(self, micro_batch: int) -> torch.Tensor:
         b = min(max(1, micro_batch), self.ctx.shape[1])  # beyond the draw: its full batch (conservative)
@@ -629,12 +624,12 @@ def estimate_memory(shape: ModelShape, batch: int, tokens: Tokens, strategy: str
 # ---------------------------------------------------------------- FLOPs, time, communication
 
 
-def micro_step_flops(cfg_shape_args: tuple, batch: int, tokens: Tokens, ac: str, ac_every: int,
+def micro_step_flops(shape_args: tuple, batch: int, tokens: Tokens, ac: str, ac_every: int,
                      loss: LossSpec) -> float:
     """`bench_step.step_flops` at these lengths, plus the forward recomputed under checkpointing."""
     from pijepa.tools.bench_step import step_flops, transformer_flops
 
-    encoder, predictor = meta_models(*cfg_shape_args)
+    encoder, predictor = meta_models(*shape_args)
     rows = tokens.num_targets * batch * tokens.tgt
     _, group = pkt_groups(rows, tokens.num_targets, tokens.tgt, loss.grouping, loss.chunk_size)
     flops = step_flops(encoder, predictor, batch, tokens.ctx, tokens.tgt, tokens.num_targets, group)
@@ -954,7 +949,8 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=16, help="number of GPUs (default 16)")
     p.add_argument("--gpu", default="a100-80gb", choices=sorted(GPUS), help="GPU model (default a100-80gb)")
     p.add_argument("--utilization", type=float, default=0.4,
-                   help="fraction of the bf16 dense peak reached, for the step time (default 0.4)")
+                   help="fraction of the datasheet bf16 dense peak reached, for the step time (default 0.4; "
+                        "docs/perf.md's single-H200 ViT-H/14 steps reach 0.28-0.30 eager, 0.36 compiled)")
     p.add_argument("--global-batch", type=int, default=None,
                    help="effective batch (default: data.global_batch_size, else batch_size x GPUs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import torch
 
 from pijepa.config import load_config
 from pijepa.masks import MultiBlockMaskCollator
-from pijepa.models import Block, build_encoder
+from pijepa.models import Block
 from pijepa.tools import plan as P
 from tests.conftest import REPO
 
@@ -58,7 +57,8 @@ def storage_ptrs(*modules: torch.nn.Module) -> set[int]:
 def weight_cast_bytes(seen: dict, *modules: torch.nn.Module) -> float:
     """Bytes of autocast's bf16 weight casts among the saved tensors (matched by shape)."""
     # Linear saves the cast weight transposed (a view of the cast): either orientation.
-    shapes = {s for m in modules for p in m.parameters() if p.dim() == 2 for s in (tuple(p.shape), tuple(p.shape)[::-1])}
+    shapes = {tuple(p.shape) for m in modules for p in m.parameters() if p.dim() == 2}
+    shapes |= {shape[::-1] for shape in shapes}
     return sum(b for b, shape, dtype in seen.values() if dtype == torch.bfloat16 and shape in shapes)
 
 
@@ -86,10 +86,15 @@ def test_block_saved_bytes_match_autograd(bf16: bool, attn: str) -> None:
     assert predicted == pytest.approx(measured, rel=0.01)
 
 
+@pytest.fixture(scope="module")
+def tiny_models_64px():
+    return tiny_jepa(img=64)
+
+
 @pytest.mark.parametrize("bf16", [False, True])
-def test_forward_saved_bytes_match_model(bf16: bool) -> None:
+def test_forward_saved_bytes_match_model(tiny_models_64px, bf16: bool) -> None:
     """Encoder, predictor and fused loss, part by part, against the tensors autograd keeps."""
-    models = tiny_jepa(img=64)
+    models = tiny_models_64px
     batch = 8  # 4 x 8 target blocks of 12 tokens: two PKT chunks of 256 rows, the last one padded
     collator = MultiBlockMaskCollator(input_size=64, patch_size=8, seed=0)
     masks_enc, masks_pred = collator.sample_masks(batch, 0)
@@ -102,7 +107,8 @@ def test_forward_saved_bytes_match_model(bf16: bool) -> None:
         with torch.no_grad():
             h = models.target_encoder(images)
         enc_seen, ctx = saved_storages(lambda: models.encoder(images, masks_enc), params)
-        pred_seen, z = saved_storages(lambda: models.predictor(ctx, masks_enc, masks_pred), params | set(enc_seen))
+        pred_seen, z = saved_storages(lambda: models.predictor(ctx, masks_enc, masks_pred),
+                                      params | set(enc_seen))
         loss_seen, _ = saved_storages(lambda: loss_fn(z, h, masks_pred),
                                       params | set(enc_seen) | set(pred_seen) | {z.untyped_storage().data_ptr()})
     shape = P.model_shape("vit_tiny", 8, 64, 6, 96)
@@ -154,8 +160,8 @@ def _measure_worker(cases_json: str) -> None:
     Per case: build the models (encoder, predictor, EMA copy) and AdamW, run a warm-up step at
     batch 2 (creates AdamW's states, thread pools and kernels' buffers), then reset VmHWM and run
     the measured step at the case's batch. Reports, in MiB: `base` (the process before building
-    anything: interpreter, torch and its warmed-up runtime), `resident` (after the warm-up), `before` (inputs created, just
-    before the step) and `peak` (VmHWM during the step).
+    anything: interpreter, torch and its warmed-up runtime), `resident` (after the warm-up),
+    `before` (inputs created, just before the step) and `peak` (VmHWM during the step).
     """
     from pijepa.dist.base import ema_update_, param_groups
     from pijepa.dist.parallelize import apply_ac
@@ -181,7 +187,7 @@ def _measure_worker(cases_json: str) -> None:
         loss_fn = build_loss("L2_PKT", chunk_size=256, fused=True)
         collator = MultiBlockMaskCollator(input_size=case["img"], patch_size=case["patch"], seed=0)
 
-        def step(images, masks_enc, masks_pred):
+        def step(images, masks_enc, masks_pred, models=models, opt=opt, pairs=pairs, loss_fn=loss_fn):
             # bench_step.make_step's step: h stays alive through backward, as there.
             with torch.no_grad():
                 h = models.target_encoder(images)
@@ -212,7 +218,7 @@ def measure_cpu_peaks(cases: list[dict]) -> list[dict]:
     # Large allocations through mmap (not the heap): freed tensors go back to the OS at once, so
     # the resident set follows the live tensors instead of glibc's high-water mark of its heap.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
-    code = f"import sys; from tests.unit.test_plan import _measure_worker; _measure_worker(sys.argv[1])"
+    code = "import sys; from tests.unit.test_plan import _measure_worker; _measure_worker(sys.argv[1])"
     done = subprocess.run([sys.executable, "-c", code, json.dumps(cases)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -257,3 +263,169 @@ def test_model_matches_measured_cpu_peak_memory() -> None:
     # Checkpointing must save at least half of the activations at the same batch.
     by = {(r["batch"], r["ac"]): r["peak"] - r["before"] for r in rows}
     assert by[(64, "full")] < 0.5 * by[(64, "none")]
+
+
+# ----------------------------------------------------------------------------- state formulas
+
+
+def toy_shape() -> P.ModelShape:
+    """Round numbers: encoder 1000 parameters (10 of them a frozen positional table), predictor 100."""
+    tower = P.Tower(width=8, depth=2, heads=2, hidden=32, block_params=40)
+    return P.ModelShape(encoder=tower, predictor=tower, encoder_params=1000, predictor_params=100,
+                        trainable_params=1090, encoder_trainable=990, largest_param=64, num_patches=4,
+                        image_size=(16, 16), patch_size=8)
+
+
+def test_state_per_strategy_follows_the_documented_accounting() -> None:
+    s, psi, p, pe, n = toy_shape(), 1090, 1100, 1000, 4
+
+    def state(strategy, accum=1, bf16=True, shards=n):
+        return P.state_bytes(s, strategy, shards, accum, bf16, ds=P.DSSettings())
+
+    single = state("single", shards=1)
+    assert (single.params, single.optimizer, single.ema, single.grads_step) == (4 * p, 8 * psi, 4 * pe, 4 * psi)
+    assert single.grads_forward == 0 and state("single", accum=2, shards=1).grads_forward == 4 * psi
+    ddp = state("ddp", shards=1)
+    assert ddp.grads_forward == 4 * psi and ddp.grads_step == 8 * psi  # flat buckets + param.grad
+    for name in ("fsdp_full", "fsdp_grad_op"):
+        f = state(name)
+        assert (f.params, f.optimizer, f.ema, f.grads_step) == (4 * p / n, 8 * psi / n, 4 * pe / n, 4 * psi / n)
+        assert f.grads_forward == 0
+        assert state(name, accum=2).grads_forward == 4 * psi  # unsharded fp32 while accumulating
+    assert state("fsdp_grad_op").weights_forward == 2 * p  # every gathered bf16 weight
+    z1, z2, z3 = state("zero1"), state("zero2"), state("zero3")
+    assert (z1.params, z1.grads_step, z1.optimizer, z1.ema) == (2 * p, 4 * psi, 12 * psi / n, 4 * pe)
+    assert (z2.params, z2.grads_step, z2.optimizer, z2.ema) == (2 * p, 4 * psi / n, 12 * psi / n, 4 * pe)
+    assert (z3.params, z3.grads_step, z3.optimizer, z3.ema) == (2 * p / n, 4 * psi / n, 12 * psi / n, 4 * pe / n)
+    fp32 = state("zero3", bf16=False)
+    assert (fp32.params, fp32.optimizer) == (4 * p / n, 8 * psi / n)  # no separate master copy
+
+
+def test_communication_volumes() -> None:
+    s, psi, p, pe, n = toy_shape(), 1090, 1100, 1000, 4
+    ring = (n - 1) / n
+    assert P.communication_bytes(s, "single", 1, 1, True).total == 0
+    assert P.communication_bytes(s, "ddp", n, 4, True).all_reduce == pytest.approx(2 * ring * 4 * psi)
+    full = P.communication_bytes(s, "fsdp_full", n, 3, True)
+    assert full.all_gather == pytest.approx(3 * ring * 2 * (2 * p + pe))  # fwd, bwd, target; per micro-step
+    assert full.reduce_scatter == pytest.approx(ring * 4 * psi)  # once per step
+    grad_op = P.communication_bytes(s, "fsdp_grad_op", n, 3, True)
+    assert grad_op.all_gather == pytest.approx(3 * ring * 2 * (p + pe))
+    z2 = P.communication_bytes(s, "zero2", n, 3, True)
+    assert z2.reduce_scatter == pytest.approx(3 * ring * 2 * psi) and z2.all_gather == pytest.approx(ring * 2 * p)
+
+
+def test_checkpointing_orders_memory() -> None:
+    shape = P.model_shape("vit_huge", 14, 224, 12, 384)
+    tokens = P.Tokens(80, 44, 4)
+    totals = {ac: P.estimate_memory(shape, 64, tokens, "fsdp_full", shards=16, ac=ac).total
+              for ac in ("none", "selective", "full")}
+    assert totals["full"] < totals["selective"] < totals["none"]
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def test_mask_tokens_context_shrinks_with_the_micro_batch() -> None:
+    ctx = torch.tensor([[9, 3, 7, 5], [8, 6, 4, 10]])
+    t = P.MaskTokens(ctx, torch.tensor([4, 6]), num_targets=4)
+    assert t.worst(1) == P.Tokens(10, 6, 4) and t.mean(1).ctx == pytest.approx(52 / 8)
+    assert t.worst(2).ctx == 6 and t.mean(2).ctx == pytest.approx((3 + 5 + 6 + 4) / 4)  # minima of pairs
+    assert t.worst(4).ctx == 4 and t.worst(64).ctx == 4  # beyond the draw: the whole drawn batch
+    real = P.MaskTokens.from_config(load_config("configs/in1k_vith14_ep300.yaml"), 32, steps=3)
+    worst = [real.worst(b).ctx for b in (1, 4, 32)]
+    assert worst == sorted(worst, reverse=True) and real.mean(32).ctx <= real.worst(32).ctx <= 256
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+RECIPES = ["configs/in1k_vith14_ep300.yaml", "configs/in22k_vith14_ep66.yaml", "configs/in22k_vitg16_ep44.yaml"]
+
+
+@pytest.fixture(scope="module")
+def recipe_plans() -> dict[str, dict]:
+    return {path: P.make_plan(load_config(REPO / path), "a100-80gb", 16, 0.4, 2048) for path in RECIPES}
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_recipes_reach_batch_2048_on_16_a100_80gb(recipe_plans, path: str) -> None:
+    plan = recipe_plans[path]
+    fitting = [r for r in plan["rows"] if r.fits]
+    assert fitting, P.format_plan(plan, path)
+    for r in fitting:
+        assert r.micro_batch * r.accumulation * 16 == 2048
+        assert r.memory.total <= P.GPUS["a100-80gb"].memory
+    # Checkpointed, fully sharded training always fits these models; the fastest row comes first
+    # among the fitting ones, and checkpointing costs the recomputed forward.
+    rows = {(r.strategy, r.ac): r for r in plan["rows"]}
+    assert rows[("fsdp_full", "full")].fits
+    assert plan["best"] is not None and plan["best"].step_time_s == min(r.step_time_s for r in fitting)
+    assert rows[("fsdp_full", "full")].step_flops > rows[("fsdp_full", "none")].step_flops
+    text = P.format_plan(plan, path)
+    assert "FSDP full" in text and "ZeRO-3" in text and "fastest that fits" in text
+
+
+def test_max_micro_batch_is_the_edge_of_fitting(recipe_plans) -> None:
+    plan = recipe_plans["configs/in1k_vith14_ep300.yaml"]
+    row = next(r for r in plan["rows"] if (r.strategy, r.ac) == ("ddp", "none"))
+    ctx = plan["context"]
+    assert row.max_micro_batch >= ctx.per_gpu_batch
+    assert ctx.fits("ddp", "none", row.max_micro_batch, 1)
+    assert not ctx.fits("ddp", "none", row.max_micro_batch + 1, 1)
+
+
+def test_nothing_fits_on_a_tiny_gpu(monkeypatch) -> None:
+    monkeypatch.setitem(P.GPUS, "tiny", P.GPUSpec("tiny", 1 * P.GiB, 1e12))
+    plan = P.make_plan(load_config(REPO / RECIPES[0]), "tiny", 16, 0.4, 2048, steps=2)
+    assert not any(r.fits for r in plan["rows"]) and plan["best"] is None
+    assert all(r.max_micro_batch == 0 and r.micro_batch is None for r in plan["rows"])
+    assert "nothing fits" in P.format_plan(plan, RECIPES[0])
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pijepa")
+    P.add_arguments(parser.add_subparsers(dest="command"))
+    return parser.parse_args(list(argv))
+
+
+def test_cli_table_and_json(capsys) -> None:
+    config = str(REPO / "configs/cpu_default.yaml")
+    args = parse("plan", "--config", config, "--gpus", "2", "--gpu", "h100-80gb", "--set", "data.batch_size=16",
+                 "--global-batch", "64")
+    assert args.run is P.run_plan
+    args.run(args)
+    table = capsys.readouterr().out
+    assert "H100" in table and "DDP" in table and "as configured" in table
+    args = parse("plan", "--config", config, "--gpus", "2", "--json")
+    args.run(args)
+    out = json.loads(capsys.readouterr().out)
+    assert out["per_gpu_batch"] * 2 == out["global_batch"]
+    assert {r["strategy"] for r in out["rows"]} == set(P.PLAN_STRATEGIES)
+    for r in out["rows"]:
+        mem = r["memory_bytes"]
+        parts = sum(mem[k] for k in ("params", "grads", "optimizer", "ema", "activations", "transient"))
+        assert parts == pytest.approx(mem["tensors"]) and mem["total"] == pytest.approx(mem["tensors"] + mem["margin"])
+
+
+def test_bad_arguments_are_refused() -> None:
+    cfg = load_config(REPO / "configs/cpu_default.yaml")
+    with pytest.raises(ValueError, match="not a multiple of --gpus"):
+        P.make_plan(cfg, "a100-80gb", 3, 0.4, 64)
+    with pytest.raises(ValueError, match="--utilization"):
+        P.make_plan(cfg, "a100-80gb", 2, 1.5, 64)
+
+
+def test_step_flops_reuse_bench_step_and_add_the_recomputation() -> None:
+    from pijepa.tools.bench_step import step_flops, transformer_flops
+
+    args = ("vit_huge", 14, 224, 12, 384)
+    encoder, predictor = P.meta_models(*args)
+    tokens = P.Tokens(56, 54, 4)
+    none = P.micro_step_flops(args, 128, tokens, "none", 2, P.LossSpec())
+    assert none == step_flops(encoder, predictor, 128, 56, 54, 4, 256)
+    full = P.micro_step_flops(args, 128, tokens, "full", 2, P.LossSpec())
+    recompute = (transformer_flops(56, 128, 1280, 32, 5120) + transformer_flops(110, 512, 384, 12, 1536))
+    assert full - none == pytest.approx(recompute)
+    # docs/perf.md: this step at batch 128 ran at 35.9% MFU of a measured 732-762 TFLOP/s in 0.284 s.
+    assert none == pytest.approx(0.359 * 747e12 * 0.284, rel=0.05)
