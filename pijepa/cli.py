@@ -91,13 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_shards_arguments(write)
     write.set_defaults(run=_shards_write)
 
-    bench = commands.add_parser("bench", help="benchmarks (bench data: the webdataset loader's images/s)")
+    bench = commands.add_parser("bench", help="benchmarks: step, loss, masks, data (ratios to a baseline)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
     bench_data = bench_commands.add_parser("data", help="images/s of the webdataset loader against a "
                                            "single-process decode + augment floor, for 1 and 2 workers")
     from pijepa.tools.bench_data import add_bench_data_arguments
     add_bench_data_arguments(bench_data)
     bench_data.set_defaults(run=_bench_data)
+    from pijepa.tools.bench_step import add_arguments as add_bench_step_arguments
+    add_bench_step_arguments(bench_commands)
+
+    from pijepa.tools.plan import add_arguments as add_plan_arguments
+    add_plan_arguments(commands)
 
     from pijepa.eval.cli import add_features_arguments, add_knn_arguments, add_linear_arguments
     features = commands.add_parser("features", help="extract frozen features of a labelled image set")

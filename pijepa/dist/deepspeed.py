@@ -80,7 +80,8 @@ def resolve_ds_config_path(path: str) -> Path:
     for candidate in (given, REPO / given):
         if candidate.is_file():
             return candidate
-    where = str(given) if given.is_absolute() else f"{given} (looked in {Path.cwd()} and {REPO})"
+    places = " and ".join(dict.fromkeys(str(p) for p in (Path.cwd(), REPO)))
+    where = str(given) if given.is_absolute() else f"{given} (looked in {places})"
     raise ConfigError(f"dist.deepspeed_config: DeepSpeed config file not found: {where}")
 
 

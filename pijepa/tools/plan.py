@@ -795,8 +795,9 @@ def configured_strategy(cfg, gpus: int) -> tuple[str, int]:
     stage = t.zero_stage
     if stage < 0:
         stage = 2
-        path = Path(t.deepspeed_config)
-        if path.is_file():
+        # As pijepa.dist.deepspeed resolves it: as given, else relative to the repository.
+        path = next((p for p in (Path(t.deepspeed_config), REPO / t.deepspeed_config) if p.is_file()), None)
+        if path is not None:
             stage = int(json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 2))
     return f"zero{max(1, stage)}", gpus
 

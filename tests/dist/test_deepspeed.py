@@ -101,29 +101,41 @@ def assert_close_states(a: dict, b: dict, atol: float, parts=("encoder", "predic
 # ---------------------------------------------------------------- shared runs
 
 
+# Accumulation inside DeepSpeed: 2 ranks x 2 micro-steps of 4 images see micro-batches
+# u = (step*2 + micro)*2 + rank, the same four as one process with 4 micro-steps of 4 (u = step*4 + micro).
+ACCUM = ["data.batch_size=4", "data.global_batch_size=16"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Run folders by name, each trained once for the whole module."""
+    """Run folders by name, each trained once for the whole module:
+    single             one process, accumulation 2 (the reference for the 2-rank runs)
+    zero{S}_{P}        2 ranks under torchrun, no accumulation, ZeRO stage S, precision P
+                       (zero3_fp32 through launchers/torchrun_multi_node.sh, 2 simulated nodes)
+    single_accum4      one process, micro-batches of 4, accumulation 4
+    zero{S}_fp32_accum2  2 ranks, micro-batches of 4, accumulation 2 inside DeepSpeed
+    """
     root = tmp_path_factory.mktemp("ds")
     cache: dict[str, Path] = {}
 
     def get(name: str) -> Path:
-        if name not in cache:
-            run_dir = root / name
-            if name == "single":  # the reference: one process, accumulation 2, same effective batch
-                ok(run_cli("train", *train_args(run_dir, "data.global_batch_size=16"), env=ENV))
-            elif name == "zero3_fp32":  # 2 ranks: torchrun_multi_node.sh on 2 simulated nodes
-                r = two_node_torchrun(run_dir, *ds_sets(3))
-                (run_dir / "stdout.txt").write_text(r.stdout)
-                (run_dir / "stderr.txt").write_text(r.stderr)
-            else:  # "zero{stage}_{precision}": 2 ranks under torchrun, no accumulation
-                stage, precision = int(name[4]), name.split("_")[1]
-                tb = ["logging.tensorboard=true"] if name == "zero2_fp32" else []
-                r = ok(torchrun(run_dir, *ds_sets(stage, precision), *tb))
-                (run_dir / "stdout.txt").write_text(r.stdout)
-                (run_dir / "stderr.txt").write_text(r.stderr)
-            cache[name] = run_dir
-        return cache[name]
+        if name in cache:
+            return cache[name]
+        run_dir = root / name
+        accum = ACCUM if name.endswith("accum2") or name.endswith("accum4") else []
+        if name.startswith("single"):
+            sets = accum or ["data.global_batch_size=16"]
+            r = ok(run_cli("train", *train_args(run_dir, *sets), env=ENV))
+        elif name == "zero3_fp32":
+            r = two_node_torchrun(run_dir, *ds_sets(3))
+        else:
+            stage, precision = int(name[4]), name.split("_")[1]
+            tb = ["logging.tensorboard=true"] if name == "zero2_fp32" else []
+            r = ok(torchrun(run_dir, *ds_sets(stage, precision), *tb, *accum))
+        (run_dir / "stdout.txt").write_text(r.stdout)
+        (run_dir / "stderr.txt").write_text(r.stderr)
+        cache[name] = run_dir
+        return run_dir
 
     return get
 
@@ -199,6 +211,21 @@ def test_export_consolidates_a_deepspeed_checkpoint(runs, tmp_path, name):
     want = single_state(runs("single"))["encoder"]
     atol = FP32_ATOL if name.endswith("fp32") else 5e-2
     assert_close_states({"encoder": state["encoder"]}, {"encoder": want}, atol=atol, parts=("encoder",))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_accumulation_matches_single_process(runs, stage):
+    """DeepSpeed's own accumulation (1/GAS scaling, step() on every micro-step, the update on the
+    boundary; ZeRO-2/3 reduce-scatter every micro-step) against one process's."""
+    ref, got = metrics(runs("single_accum4")), metrics(runs(f"zero{stage}_fp32_accum2"))
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), f"step {a['step']}"
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), f"step {a['step']}"
+    want = single_state(runs("single_accum4"))
+    assert_close_states(read_full_state(last_checkpoint(runs(f"zero{stage}_fp32_accum2"))), want, atol=FP32_ATOL)
 
 
 @pytest.mark.dist

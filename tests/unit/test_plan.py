@@ -206,9 +206,10 @@ def _measure_worker(cases_json: str) -> None:
         gc.collect()
         before = _rss_mib()
         reset_peak_memory(cpu)
+        reset_ok = peak_memory_mb(cpu) < _rss_mib() + 16  # clear_refs may be refused (containers)
         step(images, masks_enc, masks_pred)
         peak = peak_memory_mb(cpu)
-        out.append({**case, "base": base, "resident": resident, "before": before, "peak": peak,
+        out.append({**case, "base": base, "resident": resident, "before": before, "peak": peak, "reset_ok": reset_ok,
                     "ctx": masks_enc.shape[-1], "tgt": masks_pred.shape[-1]})
         del models, opt, online, pairs, step, images
     print(json.dumps(out[1:]))
@@ -250,6 +251,8 @@ CPU_CASES = [
 @pytest.mark.slow
 def test_model_matches_measured_cpu_peak_memory() -> None:
     rows = measure_cpu_peaks(CPU_CASES)
+    if not all(r["reset_ok"] for r in rows):
+        pytest.skip("this kernel does not let a process reset its VmHWM (/proc/self/clear_refs)")
     report = []
     for r in rows:
         p = predicted_cpu(r)
