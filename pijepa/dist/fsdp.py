@@ -120,7 +120,7 @@ class FSDPStrategy(Strategy):
         self._optim_owner = nn.ModuleDict({"encoder": encoder, "predictor": predictor})
         # The predictor's output is a view (Linear on [B, K, D]); FSDP warns on every rank that an
         # in-place op on it would skip its pre-backward hook. The losses never write into their
-        # inputs (tests/dist/test_fsdp.py compares the trajectory with one process), so it is noise.
+        # inputs (tests/distributed/test_fsdp.py compares the trajectory with one process), so it is noise.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPVisionTransformerPredictor\) "
                                 r"returned a view tensor")
         self.params = [p for m in self.models.trainable() for p in m.parameters() if p.requires_grad]

@@ -60,7 +60,7 @@ def test_two_ranks_finite_epoch_sees_each_sample_once_also_when_resumed(tmp_path
     # per rank are one epoch. Stop after 7 (mid-epoch, mid worker round-robin).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(REPO / "tests" / "dist" / "wds_keys.py"), str(shards), str(out), "7", "30"]
+           str(REPO / "tests" / "distributed" / "wds_keys.py"), str(shards), str(out), "7", "30"]
     env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")},
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

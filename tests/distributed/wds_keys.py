@@ -1,6 +1,6 @@
 """Run under torchrun (gloo): iterates the webdataset loader of each rank and writes the sample keys.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist/wds_keys.py SHARDS OUT STOP BATCHES
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed/wds_keys.py SHARDS OUT STOP BATCHES
 
 Phase "full": BATCHES micro-batches of a fresh loader. Phase "resumed": STOP micro-batches, the
 gathered state_dict() saved by rank 0 as a checkpoint would be (torch.save, loaded back with
