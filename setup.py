@@ -21,7 +21,7 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
         "xformers": ["xformers"],
-        "dev": ["pytest", "ruff"],
+        "dev": ["pytest", "ruff", "psutil"],  # psutil: the crash tests and the soak watch processes
     },
     entry_points={"console_scripts": ["pijepa=pijepa.cli:main"]},
 )

@@ -7,6 +7,7 @@ import os
 import sys
 
 from pijepa.config import ConfigError
+from pijepa.train.guards import NonFiniteError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -16,9 +17,11 @@ def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
     try:
-        trainer.train()
+        code = trainer.train()
     finally:
         trainer.close()
+    if code:
+        raise SystemExit(code)  # preempted: saved, rerun to resume
 
 
 def _shards_write(args: argparse.Namespace) -> None:
@@ -103,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pijepa.tools.plan import add_arguments as add_plan_arguments
     add_plan_arguments(commands)
+    from pijepa.tools.reproduce import add_arguments as add_reproduce_arguments
+    add_reproduce_arguments(commands)
 
     from pijepa.eval.cli import add_features_arguments, add_knn_arguments, add_linear_arguments
     features = commands.add_parser("features", help="extract frozen features of a labelled image set")
@@ -137,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"pijepa {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"pijepa {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
     return 0

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -41,7 +41,7 @@ class MetaConfig:
     attn_backend: str = "sdpa"  # sdpa | math | xformers
     seed: int = 0
     load_checkpoint: bool = False  # start from read_checkpoint (weights only) on a fresh run
-    read_checkpoint: Optional[str] = None
+    read_checkpoint: str | None = None
     copy_data: bool = False  # I-JEPA key, unused: data is streamed, never copied
 
 
@@ -102,6 +102,7 @@ class OptimizationConfig:
     fused_loss: bool = True
     clip_grad: float = 0.0  # max gradient norm; 0 disables clipping
     max_steps: int = 0  # stop early after this many optimizer steps; 0 runs all epochs
+    max_nonfinite_steps: int = 10  # stop after this many steps in a row with non-finite loss/grads
 
 
 @dataclass
@@ -342,6 +343,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             fail(f"optimization.{key}", getattr(o, key), "0 or more")
     if o.warmup > o.epochs:
         fail("optimization.warmup", o.warmup, f"at most optimization.epochs ({o.epochs})")
+    positive("optimization.max_nonfinite_steps", o.max_nonfinite_steps)
     choice("optimization.loss_function", o.loss_function, LOSS_NAMES)
     choice("optimization.pkt_grouping", o.pkt_grouping, PKT_GROUPINGS)
     if o.loss_function == "L2_PKT_chunks" and o.pkt_grouping != "chunk":
@@ -359,7 +361,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     choice("dist.activation_checkpointing", t.activation_checkpointing, AC_MODES)
     positive("dist.ac_every", t.ac_every)
     if t.hybrid_shard_size < 0:
-        fail("dist.hybrid_shard_size", t.hybrid_shard_size, "0 (ranks per node) or a positive divisor of the world size")
+        fail("dist.hybrid_shard_size", t.hybrid_shard_size,
+             "0 (ranks per node) or a positive divisor of the world size")
     if t.zero_stage not in (-1, 0, 1, 2, 3):
         fail("dist.zero_stage", t.zero_stage, "-1 (use the JSON's stage), 0, 1, 2 or 3")
 

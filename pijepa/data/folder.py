@@ -20,5 +20,6 @@ def decode_rgb(path: str) -> torch.Tensor:
 def image_folder(root: str | Path) -> ImageFolder:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist (expected an ImageFolder tree root/<class>/<image>)")
+        raise FileNotFoundError(f"data folder {root} does not exist (expected an ImageFolder tree "
+                                f"root/<class>/<image>)")
     return ImageFolder(str(root), loader=decode_rgb)

@@ -9,10 +9,12 @@ state but the step.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pijepa.train.guards import ignore_preemption_signals
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -80,4 +82,5 @@ def build_step_loader(dataset: Dataset, transform: Callable, collator: Callable,
                                start_step, total_steps, seed)
     return DataLoader(StepDataset(dataset, transform, seed), batch_sampler=sampler, collate_fn=collator,
                       num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                      worker_init_fn=ignore_preemption_signals)

@@ -68,9 +68,10 @@ import re
 import sys
 import tarfile
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -81,7 +82,8 @@ INDEX_FORMAT = "pijepa-shards-v1"
 PLAN_FORMAT = "pijepa-shards-plan-v1"
 INDEX_NAME, PLAN_NAME, PARTS_DIR = "shards.json", "plan.json", "parts"
 SKIPPED_NAME, TRANSCODED_NAME = "skipped.json", "transcoded.json"
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff",
+                              ".webp"})
 JPEG_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: camera JPEGs with extra frames, still plain JPEG
 JPEG_QUALITY = 95
 LAYOUTS = "per-class tars (SRC/<class>.tar holding image files) or an ImageFolder tree (SRC/<class>/<image>)"
@@ -211,7 +213,8 @@ def scan_container(job: tuple[str, str, str, str]) -> tuple[list[Entry], list[di
                 if m.isdir() or _hidden(m.name):
                     continue
                 if not m.isfile():
-                    skipped.append(_skip_record(None, "not a regular file", file=m.name, source=source, class_name=class_name))
+                    skipped.append(_skip_record(None, "not a regular file", file=m.name, source=source,
+                                                class_name=class_name))
                     continue
                 entry, skip = _candidate(m.name, m.size, (path, m.offset_data, mtime_ns, class_name, source))
                 if entry is not None:
@@ -354,7 +357,8 @@ def _check_plan(out: Path, plan: dict, prefix: str) -> bool:
         raise ShardsError(f"cannot read {path} ({err}); delete it or use another --out") from err
     if old == plan:
         return True
-    changed = [f"{k}: {old.get('settings', {}).get(k)!r} -> {v!r}" for k, v in plan["settings"].items() if old.get("settings", {}).get(k) != v]
+    before = old.get("settings", {})
+    changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in plan["settings"].items() if before.get(k) != v]
     if not changed:
         changed = ["the source files changed since that run"]
     raise ShardsError(
@@ -445,7 +449,8 @@ def write_shard(task: ShardTask) -> dict:
                     continue
                 if note:
                     transcoded.append(_skip_record(e, note))
-                sample = {"__key__": key, "cls": str(class_id).encode("ascii"), "jpg": payload, "json": sample_json(e, class_id)}
+                sample = {"__key__": key, "cls": str(class_id).encode("ascii"), "jpg": payload,
+                          "json": sample_json(e, class_id)}
                 tw.write(sample)
                 count += 1
         raw.flush()
@@ -518,7 +523,8 @@ def _validate(samples_per_shard: int | None, max_shard_bytes: int, workers: int,
         raise ShardsError(f"prefix {prefix!r} must be a plain file-name prefix ([A-Za-z0-9_.-])")
 
 
-def _scan(sources: Sequence[Path], layouts: Sequence[str], pool: Any, progress: bool) -> tuple[list[Entry], list[str], list[dict]]:
+def _scan(sources: Sequence[Path], layouts: Sequence[str], pool: Any,
+          progress: bool) -> tuple[list[Entry], list[str], list[dict]]:
     """All images in listing order (sources, classes, files sorted), the class names, the strays."""
     jobs, skipped = [], []
     for src, layout in zip(sources, layouts):
@@ -641,8 +647,10 @@ def read_index(path: Path | str) -> dict:
     path = Path(path)
     file = path / INDEX_NAME if path.is_dir() else path
     if not file.is_file():
-        hint = " (an unfinished conversion has plan.json but no index: rerun it)" if (file.parent / PLAN_NAME).exists() else ""
-        raise FileNotFoundError(f"no shards index at {file}: expected the {INDEX_NAME} written by `pijepa shards write`{hint}")
+        unfinished = (file.parent / PLAN_NAME).exists()
+        hint = " (an unfinished conversion has plan.json but no index: rerun it)" if unfinished else ""
+        raise FileNotFoundError(f"no shards index at {file}: expected the {INDEX_NAME} written by "
+                                f"`pijepa shards write`{hint}")
     try:
         index = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

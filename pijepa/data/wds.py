@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from pijepa.data.shards import INDEX_NAME, read_index
+from pijepa.train.guards import ignore_preemption_signals
 
 MODES = ("resampled", "finite")
 STATE_FORMAT = "pijepa-wds-loader-v1"
@@ -469,7 +470,8 @@ class WebDatasetLoader:
         stream = ShardStream(self.plan, self.rank, self.batch_size, self.shuffle_buffer, self.transform,
                              self.collator, [dict(r) for r in self.readers], rotation=self.micro % workers)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=2 if self.num_workers else None, persistent_workers=False)
+                            prefetch_factor=2 if self.num_workers else None, persistent_workers=False,
+                            worker_init_fn=ignore_preemption_signals)
         for *batch, info in loader:
             worker = info["worker"]
             reader = self.readers[worker]

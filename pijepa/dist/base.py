@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -93,8 +94,10 @@ class Strategy(ABC):
         """Backward of one micro-step's (unscaled) loss; the strategy scales by 1/accum."""
 
     @abstractmethod
-    def optimizer_step(self, lr: float, weight_decay: float) -> torch.Tensor:
-        """Clips, steps and zeroes the gradients; returns the total gradient norm (a tensor)."""
+    def optimizer_step(self, lr: float, weight_decay: float) -> tuple[torch.Tensor, bool]:
+        """Clips, steps and zeroes the gradients; returns the total gradient norm (a tensor) and
+        whether the step was applied. A non-finite norm (over all ranks, so every rank agrees)
+        skips the update: the gradients are dropped and the parameters stay as they were."""
 
     @abstractmethod
     def ema_update(self, momentum: float) -> None:
@@ -119,6 +122,30 @@ class Strategy(ABC):
             dist.all_reduce(tensor)  # gloo has no AVG
             tensor /= self.world_size
         return tensor
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank (a preemption signal may reach
+        only some ranks, or reach them at different steps)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def local_tensors(self) -> list[torch.Tensor]:
+        """This rank's parameters of the encoder, predictor and target (its shards when sharded)."""
+        tensors = []
+        for module in (*self.models.trainable(), self.models.target_encoder):
+            for p in module.parameters():
+                p = p.to_local() if hasattr(p, "to_local") else p
+                tensors.append(getattr(p, "ds_tensor", p))  # ZeRO-3 keeps the partition apart
+        return tensors
+
+    @torch.no_grad()
+    def parameters_finite(self) -> bool:
+        """Whether every parameter on every rank is finite (checked before each save)."""
+        finite = all(bool(torch.isfinite(t).all()) for t in self.local_tensors() if t.numel())
+        return not self.any_rank(not finite)
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -267,16 +267,24 @@ class DeepSpeedStrategy(Strategy):
         if self._micro < self.accum:
             self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
 
-    def optimizer_step(self, lr: float, weight_decay: float) -> torch.Tensor:
+    def optimizer_step(self, lr: float, weight_decay: float) -> tuple[torch.Tensor, bool]:
         if self._micro != self.accum or not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError(f"optimizer_step after {self._micro} micro-steps; expected {self.accum}")
         set_lr_wd(self.optimizer, lr, weight_decay)
-        self.engine.step()  # the boundary: clip (gradient_clipping), AdamW, zero the gradients
+        # The boundary: clip (gradient_clipping), AdamW, zero the gradients. DeepSpeed's ZeRO
+        # optimizers check the global norm themselves and skip the update when it is not finite.
+        self.engine.step()
         self._micro = 0
+        applied = self.engine.was_step_applied()
         norm = self.engine.get_global_grad_norm()  # pre-clipping norm over all ranks' gradients
         if norm is None:  # zero_optimization.compute_grad_norm: false
-            return torch.tensor(float("nan"))
-        return norm.detach().float() if torch.is_tensor(norm) else torch.tensor(float(norm))
+            return torch.tensor(float("nan")), applied
+        norm = norm.detach().float() if torch.is_tensor(norm) else torch.tensor(float(norm))
+        return norm, applied and bool(torch.isfinite(norm))
+
+    def local_tensors(self) -> list[torch.Tensor]:
+        modules = (self.engine.module, self.target_module)
+        return [getattr(p, "ds_tensor", p) for m in modules for p in m.parameters()]  # ZeRO-3: partitions
 
     def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(target, source) tensors of the trainable encoder parameters, paired by name. ZeRO-3: this

@@ -143,7 +143,7 @@ class FSDPStrategy(Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum_steps).backward()
 
-    def optimizer_step(self, lr: float, weight_decay: float) -> torch.Tensor:
+    def optimizer_step(self, lr: float, weight_decay: float) -> tuple[torch.Tensor, bool]:
         set_lr_wd(self.optimizer, lr, weight_decay)
         grads = [p.grad for p in self.params if p.grad is not None]
         # The norm of sharded DTensor grads is a partial result per rank; full_tensor() reduces it
@@ -151,11 +151,13 @@ class FSDPStrategy(Strategy):
         total = torch.nn.utils.get_total_norm(grads, foreach=True)
         if isinstance(total, DTensor):
             total = total.full_tensor()
-        if self.clip_grad > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad, total, foreach=True)
-        self.optimizer.step()
+        applied = bool(torch.isfinite(total))  # the full norm: every rank decides alike
+        if applied:
+            if self.clip_grad > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad, total, foreach=True)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total
+        return total, applied
 
     def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Local fp32 shards of (target, encoder) parameters paired by canonical name. Looked up

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,13 +49,17 @@ class SingleStrategy(Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum_steps).backward()
 
-    def optimizer_step(self, lr: float, weight_decay: float) -> torch.Tensor:
+    def optimizer_step(self, lr: float, weight_decay: float) -> tuple[torch.Tensor, bool]:
         set_lr_wd(self.optimizer, lr, weight_decay)
-        max_norm = self.clip_grad if self.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-        self.optimizer.step()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        applied = bool(torch.isfinite(grad_norm))  # DDP: reduced gradients, the same on every rank
+        if applied:
+            if self.clip_grad > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad, grad_norm, foreach=True)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, applied
 
     def ema_update(self, momentum: float) -> None:
         target, online = zip(*self._ema_pairs)

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 ATTN_BACKENDS = ("xformers", "sdpa", "math")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def xformers_available() -> bool:
     try:
         import xformers.ops  # noqa: F401
@@ -36,7 +36,7 @@ def xformers_available() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(message: str) -> None:
     # lru_cache on the message turns repeated calls into no-ops: one line per cause per process.
     logger.warning(message)

@@ -13,19 +13,17 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from pijepa.dist.base import ema_update_, param_groups
+from pijepa.dist.base import JEPAModels, ema_update_, param_groups
 from pijepa.losses import build_loss
 from pijepa.masks import MultiBlockMaskCollator
 from pijepa.masks.reference import ReferenceMaskCollator
 from pijepa.models import build_encoder, build_predictor
-from pijepa.models.attention import set_attn_backend
-from pijepa.dist.base import JEPAModels
 
 # ---------------------------------------------------------------- measurement helpers
 
@@ -207,7 +205,7 @@ def bench_loss(batch: int = 128, targets: int = 4, tokens: int = 44, grid: int =
         for name, fused in (("plain", False), ("fused", True)):
             loss_fn = build_loss("L2_PKT", grouping=grouping, chunk_size=chunk_size, fused=fused)
 
-            def run():
+            def run(loss_fn=loss_fn):
                 loss, _ = loss_fn(pred, h, masks)
                 loss.backward()
                 pred.grad = None
@@ -224,7 +222,8 @@ def bench_masks(batch: int = 128, img: int = 224, patch: int = 16, batches: int 
     for name, cls in (("reference", ReferenceMaskCollator), ("vectorised", MultiBlockMaskCollator)):
         collator = cls(input_size=img, patch_size=patch, seed=0)
         steps = iter(range(10**9))
-        times = time_calls(lambda c=collator: c.sample_masks(batch, next(steps)), torch.device("cpu"), 2, batches)
+        times = time_calls(lambda c=collator, s=steps: c.sample_masks(batch, next(s)), torch.device("cpu"), 2,
+                           batches)
         out["results"][name] = statistics.median(times)
     out["speedup"] = out["results"]["reference"] / out["results"]["vectorised"]
     return out

@@ -5,13 +5,22 @@ strategy uses) and renamed by rank 0 once all ranks are done, so an interrupted 
 replaces a good checkpoint; `latest` names the newest complete one. A strategy may save
 asynchronously (its `save` returns a handle): the rename then waits for the handle, at the next
 save or at `wait()` (the trainer calls it before exiting).
+
+On resume, `.tmp` folders (saves that were interrupted) are reported and removed, and the newest
+complete checkpoint that loads is used: one that does not (a truncated or corrupt file, a pickle
+that `weights_only` loading refuses) is reported and renamed `step_XXXXXXXX.unreadable`, and the
+one before it is tried. A checkpoint that loads but belongs to another architecture or strategy
+(a ValueError from the strategy) stops the run instead: that is a configuration mistake.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +30,8 @@ import torch
 from pijepa.dist.base import Strategy
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Tests set this to make "killed while a checkpoint is being written" a point they can hit.
+_SAVE_DELAY_S = float(os.environ.get("PIJEPA_TEST_SAVE_DELAY_S", "0"))
 
 
 def rng_state() -> dict[str, Any]:
@@ -69,6 +80,8 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         self.strategy.barrier()
         self._pending = (self.strategy.save(tmp, extra), tmp, final)
+        if _SAVE_DELAY_S:  # fault injection for the crash tests: widen the written-not-renamed window
+            time.sleep(_SAVE_DELAY_S)
         if self._pending[0] is None:  # written synchronously: complete it now
             self.wait()
         return final
@@ -96,3 +109,47 @@ class Checkpointer:
         extra = self.strategy.load(folder)
         set_rng_state(extra["rng"])
         return extra
+
+    def resume(self) -> tuple[Path, dict[str, Any]] | None:
+        """Loads the newest complete checkpoint that is readable on every rank; None if none is."""
+        self._remove_incomplete()
+        for folder in reversed(self.complete()):
+            error: Exception | None = None
+            try:
+                extra = self.strategy.load(folder)
+            except ValueError:
+                raise  # another architecture / strategy: the user has to decide, not us
+            except Exception as e:  # truncated, corrupt, or refused by weights_only loading
+                error = e
+            if not self.strategy.any_rank(error is not None):
+                set_rng_state(extra["rng"])
+                return folder, extra
+            self._quarantine(folder, error)
+        return None
+
+    def _remove_incomplete(self) -> None:
+        if self.strategy.is_main and self.root.is_dir():
+            for tmp in sorted(self.root.glob("step_*.tmp")):
+                _warn(f"removing incomplete checkpoint {tmp} (its save was interrupted)")
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.strategy.barrier()
+
+    def _quarantine(self, folder: Path, error: Exception | None) -> None:
+        """Moves an unreadable checkpoint aside (kept for inspection, never resumed from again)."""
+        self.strategy.barrier()
+        if self.strategy.is_main:
+            aside = folder.with_name(folder.name + ".unreadable")
+            n = 1
+            while aside.exists():
+                aside, n = folder.with_name(f"{folder.name}.unreadable{n}"), n + 1
+            folder.rename(aside)
+            why = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}" if error else \
+                "unreadable on another rank"
+            if "weights_only" in str(error) or "Weights only" in str(error):
+                why = "refused: its pickle would run code (checkpoints load with weights_only=True)"
+            _warn(f"checkpoint {folder} is unreadable ({why}); moved to {aside.name}, trying the previous one")
+        self.strategy.barrier()
+
+
+def _warn(message: str) -> None:
+    print(f"pijepa: warning: {message}", file=sys.stderr, flush=True)

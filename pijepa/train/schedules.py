@@ -31,7 +31,8 @@ class Schedules:
 
     def wd_at(self, step: int) -> float:
         progress = step / max(1, self.total)
-        wd = self.final_weight_decay + (self.weight_decay - self.final_weight_decay) * 0.5 * (1 + math.cos(math.pi * progress))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        wd = self.final_weight_decay + (self.weight_decay - self.final_weight_decay) * cosine
         lo, hi = sorted((self.weight_decay, self.final_weight_decay))
         return min(hi, max(lo, wd))
 

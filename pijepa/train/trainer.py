@@ -12,9 +12,18 @@ from tqdm import tqdm
 
 from pijepa.config import Config, dump_config
 from pijepa.dist import build_strategy
-from pijepa.train.build import (accumulation_steps, build_dataset, build_loss_fn, build_models,
-                                build_train_loader, loader_counters, loader_state, restore_loader_state)
+from pijepa.train.build import (
+    accumulation_steps,
+    build_dataset,
+    build_loss_fn,
+    build_models,
+    build_train_loader,
+    loader_counters,
+    loader_state,
+    restore_loader_state,
+)
 from pijepa.train.checkpoint import Checkpointer, rng_state
+from pijepa.train.guards import PREEMPTED_EXIT_CODE, NonFiniteError, PreemptionFlag
 from pijepa.train.metrics import MetricsLogger, console, peak_memory_mb
 from pijepa.train.schedules import build_schedules
 
@@ -44,6 +53,8 @@ class Trainer:
         self.loss_fn = build_loss_fn(cfg)
         self.autocast = cfg.meta.use_bfloat16
         self.checkpointer = Checkpointer(self.run_dir, self.strategy, cfg.logging.keep_checkpoints)
+        self.last_checkpoint: Path | None = None
+        self.skipped_steps, self.nonfinite_in_a_row = 0, 0
         self.start_step = self._restore()
         if self.strategy.is_main:
             dump_config(cfg, self.run_dir / "config.yaml")
@@ -57,17 +68,20 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def _restore(self) -> int:
-        """Resumes from the run folder's newest checkpoint, else from meta.read_checkpoint if asked."""
+        """Resumes from the run folder's newest readable checkpoint, else from
+        meta.read_checkpoint if asked (that one must load: a mistake there is the user's)."""
         self._resumed: dict[str, Any] = {}
-        folder = self.checkpointer.latest()
-        if folder is None and self.cfg.meta.load_checkpoint:
+        found = self.checkpointer.resume()
+        if found is None and self.cfg.meta.load_checkpoint:
             folder = Path(self.cfg.meta.read_checkpoint)
-        if folder is None:
+            found = folder, self.checkpointer.load(folder)
+        if found is None:
             return 0
-        extra = self._resumed = self.checkpointer.load(folder)
+        folder, self._resumed = found
+        self.last_checkpoint = folder
         if self.strategy.is_main:
-            console(f"resumed from {folder} at step {extra['step']}")
-        return int(extra["step"])
+            console(f"resumed from {folder} at step {self._resumed['step']}")
+        return int(self._resumed["step"])
 
     def _extra_state(self, next_step: int) -> dict[str, Any]:
         m, d = self.cfg.meta, self.cfg.data
@@ -90,8 +104,10 @@ class Trainer:
             z = models.predict(images, masks_enc, masks_pred)  # encoder, then predictor
             return self.loss_fn(z, h, masks_pred)
 
-    def train_step(self, batches: list) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """One optimizer step over `accum` micro-batches; returns detached loss, parts, grad norm."""
+    def train_step(self, batches: list) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, bool]:
+        """One optimizer step over `accum` micro-batches and the EMA update; returns the detached
+        loss, its parts, the gradient norm and whether the step was applied (not skipped as
+        non-finite: then neither the models nor the target moved)."""
         step = self.step
         total = torch.zeros((), device=self.device)
         parts_sum: dict[str, torch.Tensor] = {}
@@ -105,38 +121,87 @@ class Trainer:
             total += loss.detach() / len(batches)
             for name, value in parts.items():
                 parts_sum[name] = parts_sum.get(name, 0) + value.detach().float() / len(batches)
-        grad_norm = self.strategy.optimizer_step(self.schedules.lr_at(step), self.schedules.wd_at(step))
-        self.strategy.ema_update(self.schedules.momentum_at(step))
-        return total, parts_sum, grad_norm
+        grad_norm, applied = self.strategy.optimizer_step(self.schedules.lr_at(step), self.schedules.wd_at(step))
+        if applied:
+            self.strategy.ema_update(self.schedules.momentum_at(step))
+        return total, parts_sum, grad_norm, applied
 
     # ------------------------------------------------------------------ loop
 
-    def train(self) -> None:
+    def train(self) -> int:
+        """Runs to the last step; returns 0, or PREEMPTED_EXIT_CODE after a preemption signal
+        (a checkpoint of the last finished step is saved first)."""
+        preemption = PreemptionFlag().install()
+        try:
+            return self._train_loop(preemption)
+        finally:
+            preemption.uninstall()
+            self.checkpointer.wait()  # an asynchronous save in flight is completed before exit
+            self.metrics.close()
+
+    def _train_loop(self, preemption: PreemptionFlag) -> int:
+        s = self.strategy
+        with tqdm(total=self.total_steps, initial=self.start_step, disable=not s.is_main, desc="pretrain",
+                  unit="step", dynamic_ncols=True) as bar:
+            batches = iter(self.loader)
+            self._t_log, self._last_log = time.perf_counter(), self.start_step
+            for step in range(self.start_step, self.total_steps):
+                self.step = step
+                micro_batches = [next(batches) for _ in range(self.accum)]
+                loss, parts, grad_norm, applied = self.train_step(micro_batches)
+                done = step + 1
+                bar.update(1)
+                self._count_nonfinite(applied, done, loss, parts)
+                self._log(done, micro_batches, loss, parts, grad_norm, bar)
+                preempted = s.any_rank(preemption.requested)
+                if done % self.cfg.logging.checkpoint_freq == 0 or done == self.total_steps or preempted:
+                    self._save(done)
+                if preempted:
+                    bar.close()
+                    if s.is_main:
+                        console(f"preempted ({preemption.signal_name or 'signal on another rank'}): saved "
+                                f"step {done} to {self.last_checkpoint}; exiting with code "
+                                f"{PREEMPTED_EXIT_CODE}, rerun the same command to resume")
+                    return PREEMPTED_EXIT_CODE
+        return 0
+
+    def _log(self, done: int, micro_batches: list, loss, parts, grad_norm, bar) -> None:
         cfg, s = self.cfg.logging, self.strategy
-        batches = iter(self.loader)
-        bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not s.is_main,
-                   desc="pretrain", unit="step", dynamic_ncols=True)
-        last_log, t_log = self.start_step, time.perf_counter()
-        for self.step in range(self.start_step, self.total_steps):
-            micro_batches = [next(batches) for _ in range(self.accum)]
-            loss, parts, grad_norm = self.train_step(micro_batches)
-            done = self.step + 1
-            bar.update(1)
-            if s.is_main and cfg.tensorboard and cfg.mask_viz_freq and done % cfg.mask_viz_freq == 0:
-                self._log_masks(micro_batches[0], done)
-            if done % cfg.log_freq == 0 or done == self.total_steps:
-                elapsed = time.perf_counter() - t_log
-                scalars = self._scalars(loss, parts, grad_norm, (done - last_log), elapsed)
-                self.metrics.log(done, scalars)
-                if s.is_main:
-                    bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-                    tqdm.write(_format_line(done, self.total_steps, scalars))
-                last_log, t_log = done, time.perf_counter()
-            if done % cfg.checkpoint_freq == 0 or done == self.total_steps:
-                self.checkpointer.save(done, self._extra_state(done))
-        self.checkpointer.wait()  # an asynchronous save in flight is completed before exit
-        bar.close()
-        self.metrics.close()
+        if s.is_main and cfg.tensorboard and cfg.mask_viz_freq and done % cfg.mask_viz_freq == 0:
+            self._log_masks(micro_batches[0], done)
+        if done % cfg.log_freq == 0 or done == self.total_steps:
+            elapsed = time.perf_counter() - self._t_log
+            scalars = self._scalars(loss, parts, grad_norm, (done - self._last_log), elapsed)
+            self.metrics.log(done, scalars)
+            if s.is_main:
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+                tqdm.write(_format_line(done, self.total_steps, scalars))
+            self._last_log, self._t_log = done, time.perf_counter()
+
+    def _save(self, done: int) -> None:
+        # Skipped steps leave the parameters as they were, so this holds unless an engine applied
+        # a non-finite update itself; then nothing is saved and the run stops.
+        if not self.strategy.parameters_finite():
+            raise NonFiniteError(f"step {done}: parameters are not finite; not saved. Last good checkpoint: "
+                                 f"{self.last_checkpoint or 'none'}")
+        self.last_checkpoint = self.checkpointer.save(done, self._extra_state(done))
+
+    def _count_nonfinite(self, applied: bool, done: int, loss: torch.Tensor, parts: dict) -> None:
+        if applied:
+            self.nonfinite_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        values = " ".join(f"{k}={float(v):.4g}" for k, v in {"loss": loss, **parts}.items())
+        limit = self.cfg.optimization.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteError(
+                f"step {done}: loss or gradients not finite for {limit} steps in a row "
+                f"(optimization.max_nonfinite_steps); this rank's loss: {values}. Last good checkpoint: "
+                f"{self.last_checkpoint or 'none'}")
+        if self.strategy.is_main:
+            console(f"warning: step {done}: non-finite loss or gradients ({values}); step skipped "
+                    f"({self.nonfinite_in_a_row} in a row, {self.skipped_steps} in this process)")
 
     def _log_masks(self, batch, step: int) -> None:
         """The masks this step trained on, drawn over its first images (rank 0, CPU, cheap)."""
@@ -156,7 +221,8 @@ class Trainer:
                    "grad_norm": values[-1], "lr": self.schedules.lr_at(step),
                    "weight_decay": self.schedules.wd_at(step), "ema_momentum": self.schedules.momentum_at(step),
                    "images_per_s": steps * self.global_batch / max(elapsed, 1e-9),
-                   "step_time_s": elapsed / max(steps, 1), "peak_memory_mb": peak_memory_mb(self.device)}
+                   "step_time_s": elapsed / max(steps, 1), "peak_memory_mb": peak_memory_mb(self.device),
+                   "skipped_steps": self.skipped_steps}
         counts = loader_counters(self.loader)  # cumulative per rank (e.g. data_skipped): logged summed
         if counts:
             totals = s.reduce_mean(torch.tensor([float(v) for v in counts.values()], dtype=torch.float64,

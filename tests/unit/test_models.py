@@ -232,7 +232,8 @@ def test_sincos_layout():
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     for i in range(h):
         for j in range(w):
-            expected = torch.cat([torch.sin(j * omega), torch.cos(j * omega), torch.sin(i * omega), torch.cos(i * omega)])
+            expected = torch.cat([torch.sin(j * omega), torch.cos(j * omega),
+                                  torch.sin(i * omega), torch.cos(i * omega)])
             torch.testing.assert_close(pos[i * w + j], expected.float(), atol=1e-6, rtol=0)
     # Distinct positions get distinct codes.
     assert torch.cdist(pos, pos).add(torch.eye(h * w)).min() > 0.1

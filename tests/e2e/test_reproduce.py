@@ -1,0 +1,46 @@
+"""`pijepa reproduce --smoke`: the whole pipeline (shards, train, export, features, eval, report) end to end."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+ENCODERS = ("random init", "I-JEPA (L2)", "Prob. I-JEPA (L2_PKT)")
+DATASETS = ("cifar10", "intel-scenes")
+
+
+@pytest.mark.slow
+def test_reproduce_smoke_writes_table_and_plots(tmp_path, data_dir):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    args = ["reproduce", "--smoke", "--seeds", "0", "--out", str(out), "--docs", str(docs), "--data", str(data_dir)]
+    r = run_cli(*args, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    md = (docs / "results.md").read_text()
+    for png in ("results_loss_curves.png", "results_accuracy.png"):
+        assert (docs / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in md
+    assert "pijepa reproduce" in md
+    # The accuracy table: one row per encoder x dataset, three metrics each, "mean ± spread".
+    rows = [line for line in md.splitlines()
+            if line.startswith("| ") and any(line.startswith(f"| {e} | {d} |") for e in ENCODERS for d in DATASETS)]
+    assert len(rows) == len(ENCODERS) * len(DATASETS)
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 5 and all(" ± " in c for c in cells[2:]), row
+    assert "L2_PKT − L2" in md
+
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"random", "L2", "L2_PKT"}
+    for enc in results.values():
+        for ds in DATASETS:
+            assert set(enc[ds]) == {"knn20", "knn5", "linear"}
+            assert all(len(v) == 1 and 0.0 <= v[0] <= 100.0 for v in enc[ds].values())
+
+    # A rerun skips every stage (all outputs exist) and only rewrites the report.
+    timings = json.loads((out / "timings.json").read_text())
+    r = run_cli(*args, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[train/" not in r.stderr and "[features/" not in r.stderr
+    assert json.loads((out / "timings.json").read_text())["train/L2_s0"] == timings["train/L2_s0"]
