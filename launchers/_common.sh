@@ -4,5 +4,12 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tool() { if [ -x "$REPO/.venv/bin/$1" ]; then echo "$REPO/.venv/bin/$1"; else command -v "$1"; fi; }
 # DeepSpeed JIT-compiles a small op on first start; keep it across runs.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/pijepa-torch-extensions}"
+# Preemption: the trainers save and exit with code 75 on SIGTERM or SIGUSR1. torchrun forwards
+# both to its workers (and waits up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT s for the save instead of
+# 30 s); DeepSpeed's launcher would die of SIGUSR1, so the launchers ignore it (the trainers
+# install their own handler) and the workers receive it directly (SLURM signals the whole step).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}"
+TORCHRUN_SIGNALS=(--signals_to_handle "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+trap '' USR1
 # Prints the calling script's header comment (its usage) and exits with code 2.
 usage() { sed -n '2,/^set /{/^#/p}' "$0" >&2; exit 2; }

@@ -17,5 +17,5 @@ source "$(dirname "$0")/_common.sh"
 if [ $# -lt 5 ]; then usage; fi
 NNODES=$1; NODE_RANK=$2; NPROC=$3; MASTER_HOST=$4; PORT=$5; shift 5
 cd "$REPO"
-exec "$(tool torchrun)" --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
+exec "$(tool torchrun)" "${TORCHRUN_SIGNALS[@]}" --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
   --master_addr "$MASTER_HOST" --master_port "$PORT" -m pijepa train "$@"

@@ -12,5 +12,5 @@ source "$(dirname "$0")/_common.sh"
 if [ $# -lt 1 ]; then usage; fi
 NPROC=$1; shift
 cd "$REPO"
-exec "$(tool torchrun)" --nnodes 1 --nproc_per_node "$NPROC" --master_addr 127.0.0.1 \
+exec "$(tool torchrun)" "${TORCHRUN_SIGNALS[@]}" --nnodes 1 --nproc_per_node "$NPROC" --master_addr 127.0.0.1 \
   --master_port "${MASTER_PORT:-29500}" -m pijepa train "$@"

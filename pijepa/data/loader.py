@@ -9,12 +9,15 @@ state but the step.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pijepa.train.guards import ignore_preemption_signals
+
+MAX_SUBSTITUTES = 16
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -24,6 +27,7 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
                  start_step: int, total_steps: int, seed: int):
         self.batch_size, self.accum, self.world, self.rank = batch_size, accum, world_size, rank
         self.start_step, self.total_steps, self.seed = start_step, total_steps, seed
+        self.dataset_len = dataset_len
         self.micro_per_step = accum * world_size
         self.steps_per_epoch = dataset_len // (batch_size * self.micro_per_step)
         if self.steps_per_epoch == 0:
@@ -37,8 +41,9 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:  # one permutation per epoch, drawn from (seed, epoch)
             g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            # Every image can be drawn: the epoch takes the first n of a permutation of all of them.
             n = self.steps_per_epoch * self.micro_per_step * self.batch_size
-            self._perm, self._perm_epoch = torch.randperm(n, generator=g), epoch
+            self._perm, self._perm_epoch = torch.randperm(self.dataset_len, generator=g)[:n], epoch
         return self._perm
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -66,21 +71,58 @@ class StepDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         u, index = key
-        image, label = self.dataset[index]
+        image, label, skipped = self._readable(index)
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed would also queue a CUDA seed, which costs
             # milliseconds per call on a machine where CUDA is not initialised.
             torch.default_generator.manual_seed((self.seed * 1_000_003 + u) * 1_000_033 + index)
             image = self.transform(image)
-        return u, image, label
+        return u, image, label, skipped
+
+    def _readable(self, index: int):
+        """The image at `index`, or, when it cannot be decoded (corrupt, truncated, not an image),
+        the next readable one of a fixed sequence of others: a deterministic substitute, so that
+        batches keep their size and a resumed run sees the same data. Each skip is reported."""
+        for attempt in range(MAX_SUBSTITUTES + 1):
+            i = (index + attempt * 7919) % len(self.dataset)
+            try:
+                image, label = self.dataset[i]
+                return image, label, attempt
+            except Exception as e:  # decode errors name the file
+                print(f"pijepa: warning: skipping unreadable image #{i}: {e}", file=sys.stderr, flush=True)
+        raise RuntimeError(f"{MAX_SUBSTITUTES + 1} images in a row are unreadable (from #{index}): "
+                           f"the dataset is damaged; see the warnings above")
+
+
+class StepLoader:
+    """The DataLoader over a StepDataset; counts the unreadable images that were substituted
+    (`data_skipped`, cumulative in this process, logged by the trainer)."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.skipped = loader, 0
+
+    def __iter__(self):
+        for *batch, skipped in self.loader:
+            self.skipped += int(skipped)
+            yield tuple(batch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def counters(self) -> dict[str, int]:
+        return {"data_skipped": self.skipped}
 
 
 def build_step_loader(dataset: Dataset, transform: Callable, collator: Callable, *, batch_size: int,
                       accum: int, world_size: int, rank: int, start_step: int, total_steps: int,
-                      seed: int, num_workers: int, pin_memory: bool) -> DataLoader:
+                      seed: int, num_workers: int, pin_memory: bool) -> StepLoader:
     sampler = StepBatchSampler(len(dataset), batch_size, accum, world_size, rank,
                                start_step, total_steps, seed)
-    return DataLoader(StepDataset(dataset, transform, seed), batch_sampler=sampler, collate_fn=collator,
-                      num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers else None,
-                      worker_init_fn=ignore_preemption_signals)
+
+    def collate(items):  # the collator sees (u, image, label); the skip count rides along
+        return (*collator([item[:3] for item in items]), sum(item[3] for item in items))
+
+    return StepLoader(DataLoader(StepDataset(dataset, transform, seed), batch_sampler=sampler, collate_fn=collate,
+                                 num_workers=num_workers, pin_memory=pin_memory,
+                                 persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                                 worker_init_fn=ignore_preemption_signals))

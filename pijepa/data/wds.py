@@ -60,6 +60,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+from pijepa.data.folder import as_uint8
 from pijepa.data.shards import INDEX_NAME, read_index
 from pijepa.train.guards import ignore_preemption_signals
 
@@ -236,7 +237,7 @@ def decode_rgb(data: bytes) -> torch.Tensor:
     try:
         return decode_jpeg(raw, mode=ImageReadMode.RGB)
     except RuntimeError:  # not a JPEG after all (a PNG named .jpg, ...)
-        return decode_image(raw, mode=ImageReadMode.RGB)
+        return as_uint8(decode_image(raw, mode=ImageReadMode.RGB))
 
 
 def decode_image_field(key: str, data: bytes) -> torch.Tensor | None:

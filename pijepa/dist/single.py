@@ -87,8 +87,10 @@ class SingleStrategy(Strategy):
         for name in ("encoder", "predictor", "target_encoder"):
             try:
                 getattr(self.models, name).load_state_dict(state[name])
-            except RuntimeError as e:
-                raise ValueError(f"{path}: {name} does not match this run's architecture: {e}") from None
+            except RuntimeError as e:  # torch lists every mismatch on its own line: show the first
+                problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+                raise ValueError(f"{path}: {name} does not match this run's architecture "
+                                 f"({len(problems)} problem(s), first: {problems[0] if problems else e})") from None
         self.optimizer.load_state_dict(state["optimizer"])
         return state["extra"]
 

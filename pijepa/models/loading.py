@@ -51,10 +51,11 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling, zip and format errors all mean "not a checkpoint"
-        raise ValueError(
-            f"{path} is not a PyTorch checkpoint loadable with weights_only=True "
-            f"({type(error).__name__}: {error})"
-        ) from error
+        if "Weights only load failed" in str(error):
+            why = "refused: unpickling it would run code or build objects other than tensors"
+        else:
+            why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+        raise ValueError(f"{path} is not a PyTorch checkpoint loadable with weights_only=True ({why})") from None
     if not isinstance(checkpoint, Mapping):
         raise ValueError(
             f"{path} holds a {type(checkpoint).__name__}, expected a dict with 'encoder' and "

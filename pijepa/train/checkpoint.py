@@ -106,7 +106,13 @@ class Checkpointer:
         self.strategy.barrier()
 
     def load(self, folder: Path) -> dict[str, Any]:
-        extra = self.strategy.load(folder)
+        """Loads one given checkpoint (meta.read_checkpoint); any failure is a clear ValueError."""
+        try:
+            extra = self.strategy.load(folder)
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as e:
+            raise ValueError(f"{folder}: not a readable checkpoint ({describe_load_error(e)})") from None
         set_rng_state(extra["rng"])
         return extra
 
@@ -143,12 +149,17 @@ class Checkpointer:
             while aside.exists():
                 aside, n = folder.with_name(f"{folder.name}.unreadable{n}"), n + 1
             folder.rename(aside)
-            why = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}" if error else \
-                "unreadable on another rank"
-            if "weights_only" in str(error) or "Weights only" in str(error):
-                why = "refused: its pickle would run code (checkpoints load with weights_only=True)"
+            why = describe_load_error(error) if error else "unreadable on another rank"
             _warn(f"checkpoint {folder} is unreadable ({why}); moved to {aside.name}, trying the previous one")
         self.strategy.barrier()
+
+
+def describe_load_error(error: Exception) -> str:
+    """One line for a failed torch.load; a refusal by weights_only loading says so plainly."""
+    if "Weights only load failed" in str(error):
+        return "refused: its pickle would run code (checkpoints load with weights_only=True)"
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:300]}"
 
 
 def _warn(message: str) -> None:

@@ -95,7 +95,7 @@ def test_overrides_are_typed_and_dump_round_trips(tmp_path):
     ("mask:\n  pred_mask_scale: [0.3, 0.1]\n", ["mask.pred_mask_scale"]),
     ("data: [1, 2]\n", ["data must be a mapping"]),
     ("data:\n  crop_size: 30\n", ["data.crop_size", "multiple of mask.patch_size"]),
-    ("data: {batch_size: [\n", ["not valid YAML"]),
+    ("data: {batch_size: [\n", ["does not parse as YAML"]),
 ])
 def test_bad_configs_name_file_and_key(tmp_path, text, words):
     path = write(tmp_path, text)
