@@ -14,7 +14,7 @@ DATASETS = ("cifar10", "intel-scenes")
 def test_reproduce_smoke_writes_table_and_plots(tmp_path, data_dir):
     out, docs = tmp_path / "out", tmp_path / "docs"
     args = ["reproduce", "--smoke", "--seeds", "0", "--out", str(out), "--docs", str(docs), "--data", str(data_dir)]
-    r = run_cli(*args, timeout=300)
+    r = run_cli(*args, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
 
     md = (docs / "results.md").read_text()
@@ -40,7 +40,7 @@ def test_reproduce_smoke_writes_table_and_plots(tmp_path, data_dir):
 
     # A rerun skips every stage (all outputs exist) and only rewrites the report.
     timings = json.loads((out / "timings.json").read_text())
-    r = run_cli(*args, timeout=300)
+    r = run_cli(*args, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[train/" not in r.stderr and "[features/" not in r.stderr
     assert json.loads((out / "timings.json").read_text())["train/L2_s0"] == timings["train/L2_s0"]
