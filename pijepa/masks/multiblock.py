@@ -200,14 +200,14 @@ class MultiBlockMaskCollator:
         pred_size = block_size(u_pred, self.pred_mask_scale, self.aspect_ratio, grid, placement)
         enc_size = block_size(u_enc, self.enc_mask_scale, (1.0, 1.0), grid, placement)
 
-        def place(size: tuple[int, int], shape: tuple[int, ...]) -> torch.Tensor:
+        def place(size: tuple[int, int], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
             tops = torch.randint(0, offset_bound(grid[0], size[0], placement), shape, generator=g)
             lefts = torch.randint(0, offset_bound(grid[1], size[1], placement), shape, generator=g)
-            return box_masks(tops, lefts, size, grid)
+            return tops, lefts
 
-        pred = place(pred_size, (self.npred, batch))  # [P, B, N]
-        cands = place(enc_size, (self.nenc, batch, self.num_candidates))  # [E, B, C, N]
-        enc, relaxed = self._choose_context(pred, cands)
+        pred = box_masks(*place(pred_size, (self.npred, batch)), pred_size, grid)  # [P, B, N]
+        cand_tops, cand_lefts = place(enc_size, (self.nenc, batch, self.num_candidates))  # [E, B, C] each
+        enc, relaxed = self._choose_context(pred, cand_tops, cand_lefts, enc_size)
         lo, hi = self.pred_mask_scale
         lo_ar, hi_ar = self.aspect_ratio
         return BlockMasks(
@@ -221,25 +221,41 @@ class MultiBlockMaskCollator:
             relaxed=relaxed,
         )
 
-    def _choose_context(self, pred: torch.Tensor, cands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pick, per context mask, the first valid candidate with the fewest relaxed targets."""
-        num_enc, batch, num_cand, num_tokens = cands.shape
+    def _choose_context(self, pred: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor,
+                        size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick, per context mask, the first valid candidate box with the fewest relaxed targets.
+
+        Candidates stay (top, left) pairs: the excluded tokens inside each box are read off a
+        summed-area table of each exclusion level (4 lookups per box), and only the chosen box of
+        each context mask becomes a mask.
+        """
+        num_enc, batch, num_cand = tops.shape
+        num_tokens, (height, width), (h, w) = pred.shape[-1], self.grid, size
         if self.allow_overlap:
-            return cands[:, :, 0], torch.zeros(num_enc, batch, dtype=torch.long)
+            block = box_masks(tops[:, :, 0], lefts[:, :, 0], size, self.grid)
+            return block, torch.zeros(num_enc, batch, dtype=torch.long)
         # excluded[b, k] = union of the first k targets of image b, k = 0..npred.
         counts = torch.cumsum(pred.transpose(0, 1).to(torch.int32), dim=1) > 0  # [B, P, N]
         excluded = torch.cat([torch.zeros(batch, 1, num_tokens, dtype=torch.bool), counts], dim=1)
-        # Tokens of each candidate lost to each exclusion level; float matmul is exact here (< 2^24).
-        lost = torch.einsum("ebcn,bkn->ebck", cands.float(), excluded.float())  # [E, B, C, P+1]
-        kept = cands.sum(-1, keepdim=True) - lost
-        valid = kept >= self.min_keep
+        levels = excluded.shape[1]
+        table = torch.zeros(batch, levels, height + 1, width + 1, dtype=torch.int32)
+        table[:, :, 1:, 1:] = excluded.view(batch, levels, height, width).to(torch.int32).cumsum(2).cumsum(3)
+        table = table.view(batch, levels, -1)
+
+        def corner(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # [E, B, C] -> [E, B, C, K]
+            index = (rows * (width + 1) + cols).transpose(0, 1).reshape(batch, 1, -1).expand(-1, levels, -1)
+            found = table.gather(2, index).view(batch, levels, num_enc, num_cand)
+            return found.permute(2, 0, 3, 1)
+
+        lost = corner(tops + h, lefts + w) - corner(tops, lefts + w) - corner(tops + h, lefts) + corner(tops, lefts)
+        valid = (h * w - lost) >= self.min_keep  # [E, B, C, P+1]
         # Preference order: all targets excluded first (k = P, then P-1, ...), candidates in draw
         # order within a level. argmax returns the first True; level k = 0 is always valid.
         order = valid.flip(-1).transpose(-1, -2).reshape(num_enc, batch, -1)
         first = torch.argmax(order.to(torch.uint8), dim=-1)  # [E, B]
         level = self.npred - torch.div(first, num_cand, rounding_mode="floor")
-        cand = first % num_cand
-        block = cands.gather(2, cand[..., None, None].expand(-1, -1, 1, num_tokens)).squeeze(2)
+        cand = (first % num_cand)[..., None]
+        block = box_masks(tops.gather(2, cand).squeeze(2), lefts.gather(2, cand).squeeze(2), size, self.grid)
         drop = excluded[None].expand(num_enc, -1, -1, -1)
         drop = drop.gather(2, level[..., None, None].expand(-1, -1, 1, num_tokens)).squeeze(2)
         return block & ~drop, self.npred - level
