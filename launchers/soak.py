@@ -39,14 +39,13 @@ WARMUP_S = 180
 MAX_RSS_GROWTH_MB, MAX_FD_GROWTH = 128.0, 8
 
 
-def launch(run_dir: Path, port: int, extra: list[str]) -> subprocess.Popen:
+def launch(run_dir: Path, port: int, extra: list[str], log) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "pijepa", "train",
            "--config", str(REPO / "configs/cpu_default.yaml")]
     for s in [*SETS, f"logging.folder={run_dir}", *extra]:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    log = open(run_dir.parent / "torchrun.log", "a")  # noqa: SIM115 (lives as long as the process)
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -123,12 +122,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     run_dir, end = args.out / "run", time.monotonic() + args.minutes * 60
     samples, sessions = [], []
-    with (args.out / "samples.csv").open("w", newline="") as f:
+    with (args.out / "samples.csv").open("w", newline="") as f, (args.out / "torchrun.log").open("a") as log:
         out = csv.DictWriter(f, ["time_s", "session", "pid", "step", "rss_mb", "open_files", "threads"])
         out.writeheader()
         t0, session = time.monotonic(), 0
         while time.monotonic() < end:
-            proc, started = launch(run_dir, args.port + session % 5, args.extra), time.monotonic()
+            proc, started = launch(run_dir, args.port + session % 5, args.extra, log), time.monotonic()
             stop_at = min(end, started + args.restart_every * 60)
             rows = []
             while time.monotonic() < stop_at and proc.poll() is None:

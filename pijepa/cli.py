@@ -136,15 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        # Bad input: one clear line, no traceback (PIJEPA_DEBUG=1 shows it).
+    except (ConfigError, FileNotFoundError, ValueError, NonFiniteError) as e:
+        # Bad input (exit 2) or a diverged run (NonFiniteError.exit_code): one clear line, no
+        # traceback (PIJEPA_DEBUG=1 shows it).
         if os.environ.get("PIJEPA_DEBUG"):
             raise
         print(f"pijepa {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"pijepa {args.command}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         return 130
     return 0

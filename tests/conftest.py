@@ -1,6 +1,10 @@
+import itertools
 import os
+import socket
 import subprocess
 import sys
+import tarfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,35 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
     return subprocess.run([sys.executable, "-m", "pijepa", *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def launch_env(threads: int, **extra: str) -> dict:
+    """This process's environment without a torchrun launch's variables, for starting a fresh run."""
+    launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launch}
+    return {**env, "OMP_NUM_THREADS": str(threads), **extra}
+
+
+def free_port(ports: Iterable[int]) -> int:
+    """The first of `ports` that can be bound on loopback (each test file owns a range)."""
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port left in this test file's range")
+
+
+def tar_subset(src: Path, dst: Path, n: int) -> Path:
+    """dst/<class>.tar with the first n members of each real per-class tar in src."""
+    dst.mkdir(parents=True)
+    for tar_path in sorted(src.glob("*.tar")):
+        with tarfile.open(tar_path) as tf, tarfile.open(dst / tar_path.name, "w") as out:
+            for member in itertools.islice((m for m in tf if m.isfile()), n):
+                out.addfile(member, tf.extractfile(member))
+    return dst
 
 
 @pytest.fixture

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from tests.conftest import REPO, TINY_OVERRIDES
+from tests.conftest import REPO, TINY_OVERRIDES, launch_env
 
 # log_freq 1: the CSV shows every step, so a test can wait for one; saves every 2 steps: a kill
 # during a save is easy to hit.
@@ -30,10 +28,8 @@ def train_args(run_dir: Path, sets: list[str]) -> list[str]:
 
 
 def clean_env(threads: int = 2, slow_saves: bool = False) -> dict:
-    launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launch}
     # slow_saves: a checkpoint stays written-but-not-renamed for 0.5 s, so a kill can land there.
-    return {**env, "OMP_NUM_THREADS": str(threads), "PIJEPA_TEST_SAVE_DELAY_S": "0.5" if slow_saves else "0"}
+    return launch_env(threads, PIJEPA_TEST_SAVE_DELAY_S="0.5" if slow_saves else "0")
 
 
 def start(cmd: list[str], env: dict) -> subprocess.Popen:
@@ -98,6 +94,3 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
-
-def python() -> str:
-    return sys.executable

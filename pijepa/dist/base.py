@@ -144,7 +144,8 @@ class Strategy(ABC):
     @torch.no_grad()
     def parameters_finite(self) -> bool:
         """Whether every parameter on every rank is finite (checked before each save)."""
-        finite = all(bool(torch.isfinite(t).all()) for t in self.local_tensors() if t.numel())
+        checks = [torch.isfinite(t).all() for t in self.local_tensors() if t.numel()]
+        finite = bool(torch.stack(checks).all()) if checks else True  # one host sync
         return not self.any_rank(not finite)
 
     def barrier(self) -> None:

@@ -42,6 +42,14 @@ def _strip_wrapper_prefixes(name: str) -> str:
     return name
 
 
+def describe_load_error(error: Exception) -> str:
+    """One line for a failed ``torch.load``; a refusal by weights_only loading says so plainly."""
+    if "Weights only load failed" in str(error):
+        return "refused: its pickle would run code (checkpoints load with weights_only=True)"
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0][:300]}"
+
+
 def read_checkpoint(path: str) -> dict[str, Any]:
     """``torch.load`` on the CPU with ``weights_only=True``, turning failures into a clear ValueError."""
     if os.path.isdir(path):
@@ -51,11 +59,8 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling, zip and format errors all mean "not a checkpoint"
-        if "Weights only load failed" in str(error):
-            why = "refused: unpickling it would run code or build objects other than tensors"
-        else:
-            why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
-        raise ValueError(f"{path} is not a PyTorch checkpoint loadable with weights_only=True ({why})") from None
+        raise ValueError(f"{path} is not a PyTorch checkpoint loadable with weights_only=True "
+                         f"({describe_load_error(error)})") from None
     if not isinstance(checkpoint, Mapping):
         raise ValueError(
             f"{path} holds a {type(checkpoint).__name__}, expected a dict with 'encoder' and "

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pijepa.dist.base import Strategy
+from pijepa.models.loading import describe_load_error
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Tests set this to make "killed while a checkpoint is being written" a point they can hit.
@@ -152,14 +153,6 @@ class Checkpointer:
             why = describe_load_error(error) if error else "unreadable on another rank"
             _warn(f"checkpoint {folder} is unreadable ({why}); moved to {aside.name}, trying the previous one")
         self.strategy.barrier()
-
-
-def describe_load_error(error: Exception) -> str:
-    """One line for a failed torch.load; a refusal by weights_only loading says so plainly."""
-    if "Weights only load failed" in str(error):
-        return "refused: its pickle would run code (checkpoints load with weights_only=True)"
-    lines = str(error).strip().splitlines() or [""]
-    return f"{type(error).__name__}: {lines[0][:300]}"
 
 
 def _warn(message: str) -> None:

@@ -157,7 +157,6 @@ class Trainer:
                 if done % self.cfg.logging.checkpoint_freq == 0 or done == self.total_steps or preempted:
                     self._save(done)
                 if preempted:
-                    bar.close()
                     if s.is_main:
                         console(f"preempted ({preemption.signal_name or 'signal on another rank'}): saved "
                                 f"step {done} to {self.last_checkpoint}; exiting with code "

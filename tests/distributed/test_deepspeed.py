@@ -9,7 +9,6 @@ exactly the images, crops and masks that two ranks without accumulation see.
 import csv
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from pijepa.config import ConfigError, load_config
 from pijepa.dist.deepspeed import build_ds_config, read_full_state
 from pijepa.train.build import build_models
 from tests.conftest import REPO, TINY_OVERRIDES, run_cli
+from tests.conftest import free_port as conftest_free_port
 
 BIN = Path(sys.executable).parent
 STEPS = 4
@@ -40,14 +40,7 @@ _ports = iter(range(29655, 29700))  # this file's share of the machine's ports
 
 
 def free_port() -> int:
-    for port in _ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port left in 29655-29699")
+    return conftest_free_port(_ports)  # an iterator: never the same port twice in this file
 
 
 def train_args(run_dir: Path, *sets: str) -> list[str]:

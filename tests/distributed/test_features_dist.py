@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tarfile
@@ -13,21 +12,10 @@ import torch
 
 from pijepa.eval.features_io import load_features
 from pijepa.models import VisionTransformer
-from tests.conftest import DATA, REPO
+from tests.conftest import DATA, REPO, free_port
 
 CLASSES = ["automobile", "bird", "frog"]
 PORTS = range(29750, 29800)  # the range set aside for this project's torchrun tests
-
-
-def free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.skip(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -58,7 +46,7 @@ def test_two_ranks_write_the_features_of_one_process(tmp_path):
     one = run([sys.executable, *args, "--out", str(tmp_path / "one.pt")])
     assert one.returncode == 0, one.stderr
     two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), *args, "--out", str(tmp_path / "two.pt")])
+               "--master_port", str(free_port(PORTS)), *args, "--out", str(tmp_path / "two.pt")])
     assert two.returncode == 0, two.stderr
     assert two.stderr.count("wrote 21 x 384 features") == 1  # rank 0 alone writes and reports
 

@@ -20,7 +20,7 @@ import torch
 
 import pijepa
 from pijepa.tools.export import export_encoder
-from tests.conftest import REPO, TINY_OVERRIDES, run_cli
+from tests.conftest import REPO, TINY_OVERRIDES, launch_env, run_cli
 
 STEPS, MID = 6, 3  # the main run checkpoints at MID and STEPS
 # Every run gets its own rendezvous port (29610-29649 belong to these tests).
@@ -37,25 +37,19 @@ def _args(run_dir, sets):
     return args
 
 
-def _env(threads: int) -> dict:
-    launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launch}
-    return {**env, "OMP_NUM_THREADS": str(threads)}
-
-
 def torchrun(run_dir, *sets, nproc=2, timeout=600):
     port = next(_PORTS)
     assert port < 29650, "out of this file's port range"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "pijepa",
            *_args(run_dir, ["dist.strategy=fsdp", *sets])]
-    r = subprocess.run(cmd, cwd=REPO, env=_env(2 // nproc), capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, cwd=REPO, env=launch_env(2 // nproc), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return r
 
 
 def single(run_dir, *sets):
-    r = subprocess.run([sys.executable, "-m", "pijepa", *_args(run_dir, sets)], cwd=REPO, env=_env(2),
+    r = subprocess.run([sys.executable, "-m", "pijepa", *_args(run_dir, sets)], cwd=REPO, env=launch_env(2),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-6000:]
     return r
@@ -266,7 +260,7 @@ def test_export_errors(tmp_path):
 def test_fsdp_without_torchrun_is_one_clear_line(tmp_path):
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "pijepa", *_args(run, ["dist.strategy=fsdp"])], cwd=REPO,
-                       env=_env(1), capture_output=True, text=True, timeout=120)
+                       env=launch_env(1), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert r.stderr.startswith("pijepa train: error: dist.strategy fsdp needs a distributed launch")

@@ -3,44 +3,19 @@ across a mid-epoch stop and resume whose position was gathered from both ranks."
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
-import tarfile
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import webdataset as wds
 
 from pijepa.data.shards import write_shards
-from tests.conftest import DATA, REPO
+from tests.conftest import DATA, REPO, free_port, tar_subset
 
 PORTS = range(29700, 29750)  # this file's rendezvous ports
-
-
-def tar_subset(src: Path, dst: Path, n: int) -> Path:
-    """dst/<class>.tar with the first n members of each real per-class tar in src."""
-    dst.mkdir(parents=True)
-    for tar_path in sorted(src.glob("*.tar")):
-        with tarfile.open(tar_path) as tf, tarfile.open(dst / tar_path.name, "w") as out:
-            for member in itertools.islice((m for m in tf if m.isfile()), n):
-                out.addfile(member, tf.extractfile(member))
-    return dst
-
-
-def free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.skip(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
 
 
 @pytest.mark.dist
@@ -59,7 +34,7 @@ def test_two_ranks_finite_epoch_sees_each_sample_once_also_when_resumed(tmp_path
     # 12 shards over 2 ranks x 2 workers: 75 samples per reader, 15 batches of 5; 30 micro-batches
     # per rank are one epoch. Stop after 7 (mid-epoch, mid worker round-robin).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port(PORTS)),
            str(REPO / "tests" / "distributed" / "wds_keys.py"), str(shards), str(out), "7", "30"]
     env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")},
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

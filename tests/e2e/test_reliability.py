@@ -2,6 +2,7 @@
 
 import random
 import signal
+import sys
 import time
 
 import pytest
@@ -14,7 +15,6 @@ from tests.reliability import (
     finish,
     kill,
     logged_step,
-    python,
     saving,
     start,
     train_args,
@@ -31,7 +31,7 @@ def final_state(run_dir):
 
 
 def launch(run_dir, *sets, slow_saves=False):
-    return start([python(), *train_args(run_dir, list(sets))], clean_env(slow_saves=slow_saves))
+    return start([sys.executable, *train_args(run_dir, list(sets))], clean_env(slow_saves=slow_saves))
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from pijepa.config import ConfigError, load_config
 from pijepa.data.shards import read_index, write_shards
 from pijepa.data.wds import balanced_split, check_readers, decode_rgb, resolve_shards, split_spec
 from pijepa.train.build import build_collator, build_dataset, build_train_loader
-from tests.conftest import DATA, REPO, TINY_OVERRIDES, run_cli
+from tests.conftest import DATA, REPO, TINY_OVERRIDES, run_cli, tar_subset
 
 PER_CLASS, PER_SHARD = 30, 25  # 10 classes -> 300 images in 12 shards
 TINY_DATA = ["data.dataset=webdataset", "data.shards=set-below", "data.crop_size=32", "mask.patch_size=8",
@@ -33,16 +33,6 @@ TINY_DATA = ["data.dataset=webdataset", "data.shards=set-below", "data.crop_size
 
 
 # ----------------------------------------------------------------------------- fixtures and helpers
-
-
-def tar_subset(src: Path, dst: Path, n: int) -> Path:
-    """dst/<class>.tar with the first n members of each real per-class tar in src."""
-    dst.mkdir(parents=True)
-    for tar_path in sorted(src.glob("*.tar")):
-        with tarfile.open(tar_path) as tf, tarfile.open(dst / tar_path.name, "w") as out:
-            for member in itertools.islice((m for m in tf if m.isfile()), n):
-                out.addfile(member, tf.extractfile(member))
-    return dst
 
 
 @pytest.fixture(scope="module")
