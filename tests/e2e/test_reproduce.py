@@ -13,15 +13,21 @@ DATASETS = ("cifar10", "intel-scenes")
 @pytest.mark.slow
 def test_reproduce_smoke_writes_table_and_plots(tmp_path, data_dir):
     out, docs = tmp_path / "out", tmp_path / "docs"
-    args = ["reproduce", "--smoke", "--seeds", "0", "--out", str(out), "--docs", str(docs), "--data", str(data_dir)]
+    args = ["reproduce", "--smoke", "--seeds", "0", "--jobs", "2", "--out", str(out), "--docs", str(docs),
+            "--data", str(data_dir)]
     r = run_cli(*args, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    # --jobs 2: both pretraining runs start before either finishes.
+    lines = r.stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if "[train/" in line and line.endswith("] ...")]
+    ends = [i for i, line in enumerate(lines) if "[train/" in line and "] done in" in line]
+    assert len(starts) == 2 and len(ends) == 2 and max(starts) < min(ends), r.stderr[-3000:]
 
     md = (docs / "results.md").read_text()
     for png in ("results_loss_curves.png", "results_accuracy.png"):
         assert (docs / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in md
-    assert "pijepa reproduce" in md
+    assert "pijepa reproduce" in md and "2 run(s) at a time" in md and "--jobs 2" in md
     # The accuracy table: one row per encoder x dataset, three metrics each, "mean ± spread".
     rows = [line for line in md.splitlines()
             if line.startswith("| ") and any(line.startswith(f"| {e} | {d} |") for e in ENCODERS for d in DATASETS)]
