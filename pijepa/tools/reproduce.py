@@ -120,9 +120,9 @@ class Book:
         return result
 
     def save(self) -> None:
-        tmp = self.timings_path.with_name(self.timings_path.name + ".tmp")
-        tmp.write_text(json.dumps(self.timings, indent=2) + "\n")
-        tmp.replace(self.timings_path)
+        from pijepa.eval.cli import write_json
+
+        write_json(self.timings_path, self.timings)
         (self.out / "commands.sh").write_text(
             "#!/bin/sh\n# The CLI commands equivalent to this `pijepa reproduce` run, in order.\nset -e\n"
             + "\n".join(self.commands) + "\n")
@@ -534,7 +534,7 @@ def write_report(args: argparse.Namespace, out: Path, docs: Path, seeds: list[in
         f"({(s['crop'] // s['patch']) ** 2} tokens), batch {s['batch']}, {s['max_steps']} steps "
         f"(= {s['max_steps'] * s['batch']} images, {s['max_steps'] * s['batch'] / s['train_images']:.2f} epochs of "
         f"CIFAR-10; the lr/wd/EMA schedules span exactly these steps), AdamW lr {s['lr']} (warm-up "
-        f"{s['warmup']} of the run), fp32 on CPU ({s['cpus']} cores; {s.get('jobs', 1)} run(s) at a time, "
+        f"{s['warmup']} of the run), fp32 on CPU ({s['cpus']} cores; {s['jobs']} run(s) at a time, "
         f"{s['threads']} torch thread(s) each). The two pretrained encoders per seed differ only in "
         "`optimization.loss_function` "
         "(`L2` = I-JEPA, `L2_PKT` = Probabilistic I-JEPA with "
@@ -687,17 +687,16 @@ def run_reproduce(args: argparse.Namespace) -> None:
             if not encoders[name].is_file() and not run_complete(run_dir, max_steps):
                 pending.append((name, argv, run_dir))
     threads = run_threads(args.jobs)
-    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for f in [pool.submit(book.timed, f"train/{name}", _run, _pijepa(*argv), run_dir / "train.log", threads)
                   for name, argv, run_dir in pending]:
             f.result()
     from pijepa.tools.export import export_encoder
+    for name, enc_path in encoders.items():
+        book.command("pijepa", "export", "--run", _rel(out / "runs" / name), "--out", _rel(enc_path))
+        if not enc_path.is_file():
+            book.timed(f"export/{name}", export_encoder, out / "runs" / name, enc_path)
     for seed in seeds:
-        for loss in LOSSES:
-            name = f"{loss}_s{seed}"
-            book.command("pijepa", "export", "--run", _rel(out / "runs" / name), "--out", _rel(encoders[name]))
-            if not encoders[name].is_file():
-                book.timed(f"export/{name}", export_encoder, out / "runs" / name, encoders[name])
         rnd = out / "encoders" / f"random_s{seed}.pt"
         if not rnd.is_file():
             book.timed(f"random/s{seed}", save_random_encoder, args.config,
@@ -753,7 +752,7 @@ def run_reproduce(args: argparse.Namespace) -> None:
         "train_images": int(train_images), "model": base.meta.model_name, "crop": base.data.crop_size,
         "patch": base.mask.patch_size, "batch": batch, "max_steps": max_steps, "lr": o.lr, "warmup": o.warmup,
         "l2_weight": o.l2_weight, "pkt_weight": o.pkt_weight, "pkt_chunk": o.pkt_chunk_size,
-        "cpus": os.cpu_count(), "threads": threads, "jobs": max(args.jobs, 1), "linear_epochs": args.linear_epochs,
+        "cpus": os.cpu_count(), "threads": threads, "jobs": args.jobs, "linear_epochs": args.linear_epochs,
         "cifar_train_used": used[("cifar10", "train")], "cifar_test_used": used[("cifar10", "test")],
         "intel_train_used": used[("intel-scenes", "train")], "intel_test_used": used[("intel-scenes", "test")],
     }
