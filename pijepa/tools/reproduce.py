@@ -86,6 +86,9 @@ def add_arguments(commands) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="pretraining runs at a time, each with cores/jobs torch threads (default 1); "
                         "2 on a 2-core machine gives ~15%% more throughput than 1 run with 2 threads")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where pretraining and feature extraction run (default cpu: the training runs are then "
+                        "kept off any GPU with CUDA_VISIBLE_DEVICES='')")
     p.add_argument("--smoke", action="store_true",
                    help="a few steps on a few hundred images: checks the pipeline, numbers mean nothing")
     p.set_defaults(run=run_reproduce)
@@ -150,9 +153,11 @@ def run_threads(jobs: int) -> int:
     return int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // max(jobs, 1)))
 
 
-def _run(argv: list[str], log_file: Path, threads: int | None = None) -> None:
+def _run(argv: list[str], log_file: Path, threads: int | None = None, device: str = "cpu") -> None:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads or run_threads(1))}
+    if device == "cpu":  # the trainer takes a visible GPU by itself
+        env["CUDA_VISIBLE_DEVICES"] = ""
     with open(log_file, "a") as f:
         f.write(f"$ {' '.join(shlex.quote(a) for a in argv)}\n")
         f.flush()
@@ -240,12 +245,12 @@ def extract(encoder: Path, data: Path, out: Path, limit: int | None, args: argpa
     from pijepa.eval.features import extract_features
 
     cmd = ["pijepa", "features", "--encoder", _rel(encoder), "--data", _rel(data), "--out", _rel(out),
-           "--batch-size", args.feature_batch, "--workers", args.workers, "--device", "cpu"]
+           "--batch-size", args.feature_batch, "--workers", args.workers, "--device", args.device]
     book.command(*cmd, *(["--limit", limit] if limit else []))
     if out.is_file():
         return
     book.timed(name, extract_features, encoder, data, out, batch_size=args.feature_batch, workers=args.workers,
-               limit=limit, device="cpu", progress=False)
+               limit=limit, device=args.device, progress=False)
 
 
 def evaluate(train: Path, test: Path, out_dir: Path, args: argparse.Namespace, book: Book, name: str) -> None:
@@ -534,7 +539,8 @@ def write_report(args: argparse.Namespace, out: Path, docs: Path, seeds: list[in
         f"({(s['crop'] // s['patch']) ** 2} tokens), batch {s['batch']}, {s['max_steps']} steps "
         f"(= {s['max_steps'] * s['batch']} images, {s['max_steps'] * s['batch'] / s['train_images']:.2f} epochs of "
         f"CIFAR-10; the lr/wd/EMA schedules span exactly these steps), AdamW lr {s['lr']} (warm-up "
-        f"{s['warmup']} of the run), fp32 on CPU ({s['cpus']} cores; {s['jobs']} run(s) at a time, "
+        f"{s['warmup']} of the run), fp32 on {s['device'].upper()} ({s['cpus']} CPU cores; "
+        f"{s['jobs']} run(s) at a time, "
         f"{s['threads']} torch thread(s) each). The two pretrained encoders per seed differ only in "
         "`optimization.loss_function` "
         "(`L2` = I-JEPA, `L2_PKT` = Probabilistic I-JEPA with "
@@ -648,6 +654,11 @@ def run_reproduce(args: argparse.Namespace) -> None:
     batch = args.batch_size or (8 if args.smoke else base.data.batch_size)
     if max_steps < 1 or batch < 1 or args.jobs < 1:
         raise ValueError(f"--max-steps, --batch-size and --jobs must be >= 1, got {max_steps}, {batch}, {args.jobs}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: torch sees no CUDA device on this machine")
     eval_data = {ds: data / ds for ds in DATASETS}
     if args.smoke:
         # Small per-class tar copies (outside the repo, under OUT) so that listing and reading are quick.
@@ -688,7 +699,8 @@ def run_reproduce(args: argparse.Namespace) -> None:
                 pending.append((name, argv, run_dir))
     threads = run_threads(args.jobs)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for f in [pool.submit(book.timed, f"train/{name}", _run, _pijepa(*argv), run_dir / "train.log", threads)
+        for f in [pool.submit(book.timed, f"train/{name}", _run, _pijepa(*argv), run_dir / "train.log", threads,
+                              args.device)
                   for name, argv, run_dir in pending]:
             f.result()
     from pijepa.tools.export import export_encoder
@@ -737,6 +749,8 @@ def run_reproduce(args: argparse.Namespace) -> None:
         cmd += ["--set", x]
     if args.jobs != 1:
         cmd += ["--jobs", str(args.jobs)]
+    if args.device != "cpu":
+        cmd += ["--device", args.device]
     if args.smoke:
         cmd += ["--smoke"]
     if args.docs:
@@ -752,7 +766,8 @@ def run_reproduce(args: argparse.Namespace) -> None:
         "train_images": int(train_images), "model": base.meta.model_name, "crop": base.data.crop_size,
         "patch": base.mask.patch_size, "batch": batch, "max_steps": max_steps, "lr": o.lr, "warmup": o.warmup,
         "l2_weight": o.l2_weight, "pkt_weight": o.pkt_weight, "pkt_chunk": o.pkt_chunk_size,
-        "cpus": os.cpu_count(), "threads": threads, "jobs": args.jobs, "linear_epochs": args.linear_epochs,
+        "device": args.device, "cpus": os.cpu_count(), "threads": threads, "jobs": args.jobs,
+        "linear_epochs": args.linear_epochs,
         "cifar_train_used": used[("cifar10", "train")], "cifar_test_used": used[("cifar10", "test")],
         "intel_train_used": used[("intel-scenes", "train")], "intel_test_used": used[("intel-scenes", "test")],
     }

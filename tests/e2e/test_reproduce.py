@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tests.conftest import run_cli
 
@@ -27,7 +28,7 @@ def test_reproduce_smoke_writes_table_and_plots(tmp_path, data_dir):
     for png in ("results_loss_curves.png", "results_accuracy.png"):
         assert (docs / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in md
-    assert "pijepa reproduce" in md and "2 run(s) at a time" in md and "--jobs 2" in md
+    assert "pijepa reproduce" in md and "2 run(s) at a time" in md and "--jobs 2" in md and "fp32 on CPU" in md
     # The accuracy table: one row per encoder x dataset, three metrics each, "mean ± spread".
     rows = [line for line in md.splitlines()
             if line.startswith("| ") and any(line.startswith(f"| {e} | {d} |") for e in ENCODERS for d in DATASETS)]
@@ -50,3 +51,12 @@ def test_reproduce_smoke_writes_table_and_plots(tmp_path, data_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[train/" not in r.stderr and "[features/" not in r.stderr
     assert json.loads((out / "timings.json").read_text())["train/L2_s0"] == timings["train/L2_s0"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_reproduce_device_cuda_without_cuda_fails_before_any_work(tmp_path, data_dir):
+    out = tmp_path / "out"
+    r = run_cli("reproduce", "--smoke", "--device", "cuda", "--out", str(out), "--data", str(data_dir), timeout=120)
+    assert r.returncode != 0
+    assert "--device cuda" in r.stderr and "no CUDA device" in r.stderr, r.stderr[-2000:]
+    assert not (out / "shards").exists() and not (out / "runs").exists()
