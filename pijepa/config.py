@@ -35,6 +35,7 @@ class ConfigError(ValueError):
 @dataclass
 class MetaConfig:
     model_name: str = "vit_tiny"
+    encoder_depth: int = 0  # blocks of the encoder; 0 keeps model_name's standard depth
     pred_depth: int = 6
     pred_emb_dim: int = 384
     use_bfloat16: bool = False  # bf16 autocast where the device supports it; CPU default is fp32
@@ -296,6 +297,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     choice("meta.model_name", m.model_name, MODEL_NAMES)
     choice("meta.attn_backend", m.attn_backend, ATTN_BACKENDS)
     positive("meta.pred_depth", m.pred_depth)
+    if m.encoder_depth < 0:
+        fail("meta.encoder_depth", m.encoder_depth, f"0 ({m.model_name}'s standard depth) or a number of blocks")
     positive("meta.pred_emb_dim", m.pred_emb_dim)
     if m.load_checkpoint and not m.read_checkpoint:
         fail("meta.read_checkpoint", m.read_checkpoint, "a checkpoint path when meta.load_checkpoint is true")

@@ -134,7 +134,7 @@ def config_from_model_entry(model: Mapping[str, Any], path: str) -> dict[str, An
         raise ValueError(f"{path}: {error}") from error
     embed_dim, depth, num_heads, mlp_ratio = VIT_SIZES[name]
     config: dict[str, Any] = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
-    for key in ("patch_size", "img_size", "num_heads"):
+    for key in ("patch_size", "img_size", "num_heads", "depth"):
         if key in model:
             config[key] = model[key]
     return config

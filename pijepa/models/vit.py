@@ -224,8 +224,11 @@ def build_encoder(
     patch_size: int = 16,
     img_size: int | tuple[int, int] = 224,
     attn_backend: str = "sdpa",
+    depth: int = 0,
 ) -> VisionTransformer:
-    """Encoder of a standard size; build under ``torch.device("meta")`` to skip allocation."""
-    return _vit(
-        canonical_model_name(model_name), patch_size=patch_size, img_size=img_size, attn_backend=attn_backend
-    )
+    """Encoder of a standard size (``depth`` > 0 overrides its number of blocks); build under
+    ``torch.device("meta")`` to skip allocation."""
+    kwargs = dict(patch_size=patch_size, img_size=img_size, attn_backend=attn_backend)
+    if depth:
+        kwargs["depth"] = depth
+    return _vit(canonical_model_name(model_name), **kwargs)

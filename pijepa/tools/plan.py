@@ -174,12 +174,13 @@ class ModelShape:
 
 
 @functools.lru_cache(maxsize=16)
-def meta_models(model_name: str, patch_size: int, img_size: int, pred_depth: int, pred_dim: int):
+def meta_models(model_name: str, patch_size: int, img_size: int, pred_depth: int, pred_dim: int,
+                encoder_depth: int = 0):
     """Encoder and predictor built on the meta device: shapes and counts only, no memory."""
     from pijepa.models import build_encoder, build_predictor
 
     with torch.device("meta"):
-        encoder = build_encoder(model_name, patch_size=patch_size, img_size=img_size)
+        encoder = build_encoder(model_name, patch_size=patch_size, img_size=img_size, depth=encoder_depth)
         predictor = build_predictor(encoder, pred_depth=pred_depth, pred_emb_dim=pred_dim)
     return encoder, predictor
 
@@ -190,8 +191,9 @@ def _tower(blocks) -> Tower:
                  hidden=block.mlp.fc1.out_features, block_params=sum(p.numel() for p in block.parameters()))
 
 
-def model_shape(model_name: str, patch_size: int, img_size: int, pred_depth: int, pred_dim: int) -> ModelShape:
-    encoder, predictor = meta_models(model_name, patch_size, img_size, pred_depth, pred_dim)
+def model_shape(model_name: str, patch_size: int, img_size: int, pred_depth: int, pred_dim: int,
+                encoder_depth: int = 0) -> ModelShape:
+    encoder, predictor = meta_models(model_name, patch_size, img_size, pred_depth, pred_dim, encoder_depth)
     params = list(encoder.parameters()) + list(predictor.parameters())
     return ModelShape(
         encoder=_tower(encoder.blocks), predictor=_tower(predictor.predictor_blocks),
@@ -815,7 +817,7 @@ def build_context(cfg, gpu: str, gpus: int, utilization: float, global_batch: in
         raise ValueError(f"--global-batch {global_batch} is not a multiple of --gpus {gpus}")
     o = cfg.optimization
     args = (cfg.meta.model_name, cfg.mask.patch_size, cfg.data.crop_size, cfg.meta.pred_depth,
-            cfg.meta.pred_emb_dim)
+            cfg.meta.pred_emb_dim, cfg.meta.encoder_depth)
     return PlanContext(
         shape=model_shape(*args), shape_args=args,
         tokens=MaskTokens.from_config(cfg, global_batch // gpus, steps), gpu=GPUS[gpu], gpus=gpus,

@@ -222,14 +222,12 @@ def save_random_encoder(config: Path, overrides: list[str], out: Path) -> None:
 
     from pijepa.config import load_config
     from pijepa.tools.export import ENCODER_FORMAT, plain_state_dict
-    from pijepa.train.build import build_models
+    from pijepa.train.build import build_models, model_entry
 
     cfg = load_config(config, overrides)
     models = build_models(cfg)
-    m = cfg.meta
     result = {"format": ENCODER_FORMAT,
-              "model": {"model_name": m.model_name, "patch_size": cfg.mask.patch_size, "img_size": cfg.data.crop_size,
-                        "pred_depth": m.pred_depth, "pred_emb_dim": m.pred_emb_dim},
+              "model": model_entry(cfg),
               "step": 0,
               "encoder": plain_state_dict(models.encoder.state_dict()),
               "target_encoder": plain_state_dict(models.target_encoder.state_dict()),
@@ -763,7 +761,8 @@ def run_reproduce(args: argparse.Namespace) -> None:
         "example_commands": [c for c in (book.commands[0], example_train) if c]
         + [next(c for c in book.commands if c.startswith(p)) for p in
            ("pijepa export", "pijepa features", "pijepa eval knn", "pijepa eval linear")],
-        "train_images": int(train_images), "model": base.meta.model_name, "crop": base.data.crop_size,
+        "train_images": int(train_images), "model": base.meta.model_name
+        + (f" with {base.meta.encoder_depth} blocks" if base.meta.encoder_depth else ""), "crop": base.data.crop_size,
         "patch": base.mask.patch_size, "batch": batch, "max_steps": max_steps, "lr": o.lr, "warmup": o.warmup,
         "l2_weight": o.l2_weight, "pkt_weight": o.pkt_weight, "pkt_chunk": o.pkt_chunk_size,
         "device": args.device, "cpus": os.cpu_count(), "threads": threads, "jobs": args.jobs,

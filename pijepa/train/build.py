@@ -23,12 +23,23 @@ from pijepa.models import build_encoder, build_predictor
 def build_models(cfg: Config) -> JEPAModels:
     """Encoder, predictor and an exact copy of the encoder as EMA target (same init, same seed)."""
     torch.manual_seed(cfg.meta.seed)
-    encoder = build_encoder(cfg.meta.model_name, patch_size=cfg.mask.patch_size,
-                            img_size=cfg.data.crop_size, attn_backend=cfg.meta.attn_backend)
+    encoder = build_encoder(cfg.meta.model_name, patch_size=cfg.mask.patch_size, img_size=cfg.data.crop_size,
+                            attn_backend=cfg.meta.attn_backend, depth=cfg.meta.encoder_depth)
     predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim)
     target = copy.deepcopy(encoder)
     target.requires_grad_(False)
     return JEPAModels(encoder, predictor, target)
+
+
+def model_entry(cfg: Config) -> dict:
+    """The ``model`` description saved with every checkpoint and export, so that
+    ``pijepa.load_encoder`` can rebuild the encoder without the config."""
+    m = cfg.meta
+    entry = {"model_name": m.model_name, "patch_size": cfg.mask.patch_size, "img_size": cfg.data.crop_size,
+             "pred_depth": m.pred_depth, "pred_emb_dim": m.pred_emb_dim}
+    if m.encoder_depth:
+        entry["depth"] = m.encoder_depth
+    return entry
 
 
 def build_loss_fn(cfg: Config):

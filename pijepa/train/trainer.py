@@ -20,6 +20,7 @@ from pijepa.train.build import (
     build_train_loader,
     loader_counters,
     loader_state,
+    model_entry,
     restore_loader_state,
 )
 from pijepa.train.checkpoint import Checkpointer, rng_state
@@ -84,14 +85,12 @@ class Trainer:
         return int(self._resumed["step"])
 
     def _extra_state(self, next_step: int) -> dict[str, Any]:
-        m, d = self.cfg.meta, self.cfg.data
         return {
             "step": next_step,  # also the data position: the sampler is addressed by step
             "loader": loader_state(self.loader),  # None, or a streaming loader's position (all ranks')
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
-            "model": {"model_name": m.model_name, "patch_size": self.cfg.mask.patch_size,
-                      "img_size": d.crop_size, "pred_depth": m.pred_depth, "pred_emb_dim": m.pred_emb_dim},
+            "model": model_entry(self.cfg),
         }
 
     # ------------------------------------------------------------------ step

@@ -92,6 +92,7 @@ def test_overrides_are_typed_and_dump_round_trips(tmp_path):
     ("data:\n  crop_size: 32\nmask:\n  patch_size: 8\n  min_keep: 17\n", ["mask.min_keep", "1..16", "4x4"]),
     ("meta:\n  model_name: vit_enormous\n", ["meta.model_name", "vit_huge"]),
     ("optimization:\n  loss_function: L3\n", ["optimization.loss_function", "L2_PKT"]),
+    ("meta:\n  encoder_depth: -2\n", ["meta.encoder_depth", "standard depth"]),
     ("mask:\n  pred_mask_scale: [0.3, 0.1]\n", ["mask.pred_mask_scale"]),
     ("data: [1, 2]\n", ["data must be a mapping"]),
     ("data:\n  crop_size: 30\n", ["data.crop_size", "multiple of mask.patch_size"]),

@@ -112,6 +112,23 @@ def test_load_pijepa_format_vit_tiny(tmp_path, images):
         torch.testing.assert_close(with_math(images), encoder(images), atol=1e-5, rtol=1e-5)
 
 
+def test_encoder_depth_override_round_trips_through_model_entry(tmp_path, images):
+    # meta.encoder_depth builds fewer blocks than the size's standard 12; the model entry the trainer
+    # and `pijepa export` save must say so, or load_encoder would rebuild a 12-block encoder.
+    from pijepa.config import load_config
+    from pijepa.train.build import build_models, model_entry
+
+    cfg = load_config(None, ["meta.encoder_depth=3", f"mask.patch_size={PATCH}", f"data.crop_size={IMG}"])
+    models = build_models(cfg)
+    assert len(models.encoder.blocks) == 3 and models.encoder.embed_dim == 192
+    entry = model_entry(cfg)
+    assert entry["depth"] == 3 and "depth" not in model_entry(load_config(None, []))
+    path = tmp_path / "shallow.pt"
+    torch.save({"encoder": models.encoder.state_dict(), "target_encoder": models.target_encoder.state_dict(),
+                "model": entry}, path)
+    assert_same_encoder(load_encoder(path), models.target_encoder.eval(), images)
+
+
 def test_load_pijepa_format_inferred(tmp_path, models, images):
     encoder, _, target = models
     path = tmp_path / "enc.pt"
