@@ -510,7 +510,8 @@ def write_report(args: argparse.Namespace, out: Path, docs: Path, seeds: list[in
         "## Summary (measured)",
         "",
         *summary_lines(results, seeds, finals, wins),
-        *([f"- Longer and tuned runs (300-1000 steps, other lr/EMA/init), measured by hand: "
+        *([f"- Longer and tuned runs (12 blocks for 150-1950 steps, other lr/EMA/init, 4 and 6 blocks), "
+           f"measured by hand: "
            f"[{LONGER_RUNS}]({LONGER_RUNS})."] if (docs / LONGER_RUNS).is_file() else []),
         "",
         "## Rerun",
@@ -621,7 +622,10 @@ def write_report(args: argparse.Namespace, out: Path, docs: Path, seeds: list[in
     for name, sec in grouped_timings(book.timings).items():
         md.append(f"| {name} | {sec:.1f} |")
     if book.timings:
-        md.append(f"| **total** | {sum(book.timings.values()):.1f} |")
+        md.append(f"| **sum of the stages** | {sum(book.timings.values()):.1f} |")
+        if args.jobs > 1:
+            md += ["", f"With `--jobs {args.jobs}` that many training runs overlap, so the wall time is shorter "
+                   "than this sum."]
     md.append("")
     path = docs / "results.md"
     path.write_text("\n".join(md))
