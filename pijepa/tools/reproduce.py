@@ -558,7 +558,7 @@ def write_report(args: argparse.Namespace, out: Path, docs: Path, seeds: list[in
         "- k-NN (`pijepa eval knn`): weighted cosine k-NN (temperature 0.07) at k=20, and the "
         "Probabilistic I-JEPA paper's protocol (k=5, Euclidean, majority vote).",
         f"- Linear probe (`pijepa eval linear`): AdamW, {s['linear_epochs']} epochs, lr chosen from "
-        "1e-3, 3e-3, 1e-2, 3e-2 on a held-out 10% of the training set, then retrained on all of it; top-1 on test.",
+        f"{s['linear_lrs']} on a held-out 10% of the training set, then retrained on all of it; top-1 on test.",
         "",
         "## Accuracy (top-1 %, test split)",
         "",
@@ -757,6 +757,8 @@ def run_reproduce(args: argparse.Namespace) -> None:
         cmd += ["--smoke"]
     if args.docs:
         cmd += ["--docs", _rel(args.docs)]
+    from pijepa.eval.linear import DEFAULT_LRS
+
     o = base.optimization
     settings = {
         "command": ((f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS")
@@ -770,7 +772,7 @@ def run_reproduce(args: argparse.Namespace) -> None:
         "patch": base.mask.patch_size, "batch": batch, "max_steps": max_steps, "lr": o.lr, "warmup": o.warmup,
         "l2_weight": o.l2_weight, "pkt_weight": o.pkt_weight, "pkt_chunk": o.pkt_chunk_size,
         "device": args.device, "cpus": os.cpu_count(), "threads": threads, "jobs": args.jobs,
-        "linear_epochs": args.linear_epochs,
+        "linear_epochs": args.linear_epochs, "linear_lrs": ", ".join(f"{lr:g}" for lr in DEFAULT_LRS["adamw"]),
         "cifar_train_used": used[("cifar10", "train")], "cifar_test_used": used[("cifar10", "test")],
         "intel_train_used": used[("intel-scenes", "train")], "intel_test_used": used[("intel-scenes", "test")],
     }
