@@ -127,6 +127,17 @@ def test_forward_saved_bytes_match_model(tiny_models_64px, bf16: bool) -> None:
 # ----------------------------------------------------------------------------- GPU measurements
 
 
+def test_encoder_depth_reaches_the_plan() -> None:
+    # meta.encoder_depth cuts the encoder; the plan must count the blocks that are really built.
+    full = P.model_shape("vit_tiny", 8, 64, 6, 96)
+    cut = P.model_shape("vit_tiny", 8, 64, 6, 96, encoder_depth=4)
+    assert (full.encoder.depth, cut.encoder.depth) == (12, 4)
+    assert full.encoder_params - cut.encoder_params == 8 * full.encoder.block_params
+    cfg = load_config(REPO / "configs" / "cifar10_reproduce.yaml")
+    context = P.build_context(cfg, next(iter(P.GPUS)), 1, 0.5, None, steps=2)
+    assert cfg.meta.encoder_depth == 4 and context.shape.encoder.depth == 4
+
+
 # docs/perf.md, "Full training step, ViT-H/14 at 224 px, predictor depth 12 width 384, bf16
 # autocast", rows "sdpa + fused loss": batch -> torch.cuda.max_memory_allocated in GB (GiB) on an
 # H200, one process, AdamW states present, masks of MultiBlockMaskCollator(224, 14, seed 0) step 0.
