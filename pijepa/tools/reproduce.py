@@ -460,15 +460,22 @@ def summary_lines(results: dict[str, Any], seeds: list[int], finals: dict[str, d
     return lines
 
 
+def linear_sweeps(out: Path, seeds: list[int]) -> list[dict[str, Any]]:
+    """Every linear probe's result file, as written by `evaluate` (or kept from an earlier run)."""
+    return [json.loads((out / "eval" / f"{enc}_s{seed}" / ds / "linear.json").read_text())
+            for enc in ("random", *LOSSES) for seed in seeds for ds in DATASETS]
+
+
+def lr_grids_text(out: Path, seeds: list[int]) -> str:
+    """The lr grid(s) the probes really swept, read from their results rather than from the defaults."""
+    grids = dict.fromkeys(tuple(lin["lrs"]) for lin in linear_sweeps(out, seeds))
+    return "; ".join(", ".join(f"{lr:g}" for lr in grid) for grid in grids)
+
+
 def lr_note(out: Path, seeds: list[int]) -> list[str]:
     """How often the linear probe's lr sweep picked the largest lr of its grid."""
-    picks, top = 0, 0
-    for enc in ("random", *LOSSES):
-        for seed in seeds:
-            for ds in DATASETS:
-                lin = json.loads((out / "eval" / f"{enc}_s{seed}" / ds / "linear.json").read_text())
-                picks += 1
-                top += lin["best_lr"] == max(lin["lrs"])
+    sweeps = linear_sweeps(out, seeds)
+    picks, top = len(sweeps), sum(lin["best_lr"] == max(lin["lrs"]) for lin in sweeps)
     return [f"The linear probe's held-out sweep picked the largest lr of its grid in {top} of {picks} probes, "
             "so the linear numbers may be slightly below what a wider grid would give (for every encoder alike).",
             ""] if top else []
@@ -558,7 +565,8 @@ def write_report(args: argparse.Namespace, out: Path, docs: Path, seeds: list[in
         "- k-NN (`pijepa eval knn`): weighted cosine k-NN (temperature 0.07) at k=20, and the "
         "Probabilistic I-JEPA paper's protocol (k=5, Euclidean, majority vote).",
         f"- Linear probe (`pijepa eval linear`): AdamW, {s['linear_epochs']} epochs, lr chosen from "
-        f"{s['linear_lrs']} on a held-out 10% of the training set, then retrained on all of it; top-1 on test.",
+        f"{lr_grids_text(out, seeds)} on a held-out 10% of the training set, then retrained on all of it; "
+        "top-1 on test.",
         "",
         "## Accuracy (top-1 %, test split)",
         "",
@@ -757,8 +765,6 @@ def run_reproduce(args: argparse.Namespace) -> None:
         cmd += ["--smoke"]
     if args.docs:
         cmd += ["--docs", _rel(args.docs)]
-    from pijepa.eval.linear import DEFAULT_LRS
-
     o = base.optimization
     settings = {
         "command": ((f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if os.environ.get("OMP_NUM_THREADS")
@@ -767,12 +773,13 @@ def run_reproduce(args: argparse.Namespace) -> None:
         "example_commands": [c for c in (book.commands[0], example_train) if c]
         + [next(c for c in book.commands if c.startswith(p)) for p in
            ("pijepa export", "pijepa features", "pijepa eval knn", "pijepa eval linear")],
-        "train_images": int(train_images), "model": base.meta.model_name
-        + (f" with {base.meta.encoder_depth} blocks" if base.meta.encoder_depth else ""), "crop": base.data.crop_size,
+        "train_images": int(train_images), "model": base.meta.model_name + (
+            f" with {base.meta.encoder_depth} blocks" if base.meta.encoder_depth else ""),
+        "crop": base.data.crop_size,
         "patch": base.mask.patch_size, "batch": batch, "max_steps": max_steps, "lr": o.lr, "warmup": o.warmup,
         "l2_weight": o.l2_weight, "pkt_weight": o.pkt_weight, "pkt_chunk": o.pkt_chunk_size,
         "device": args.device, "cpus": os.cpu_count(), "threads": threads, "jobs": args.jobs,
-        "linear_epochs": args.linear_epochs, "linear_lrs": ", ".join(f"{lr:g}" for lr in DEFAULT_LRS["adamw"]),
+        "linear_epochs": args.linear_epochs,
         "cifar_train_used": used[("cifar10", "train")], "cifar_test_used": used[("cifar10", "test")],
         "intel_train_used": used[("intel-scenes", "train")], "intel_test_used": used[("intel-scenes", "test")],
     }
