@@ -4,7 +4,11 @@ setup(
     name="pijepa",
     version="0.1.0",
     description="Probabilistic I-JEPA pretraining at scale (FSDP, DeepSpeed, WebDataset)",
-    packages=find_packages(include=["pijepa", "pijepa.*"]),
+    # configs/ and ds_configs/ stay at the top level, where users know them, and ship inside the
+    # wheel as the packages pijepa.configs and pijepa.ds_configs (read with importlib.resources).
+    packages=[*find_packages(include=["pijepa", "pijepa.*"]), "pijepa.configs", "pijepa.ds_configs"],
+    package_dir={"pijepa.configs": "configs", "pijepa.ds_configs": "ds_configs"},
+    package_data={"pijepa.configs": ["*.yaml"], "pijepa.ds_configs": ["*.json", "*.md"]},
     python_requires=">=3.10",
     # torch and torchvision are pinned: these releases install from the build machines' disk;
     # any other version downloads gigabytes.
@@ -21,7 +25,7 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
         "xformers": ["xformers"],
-        "dev": ["pytest", "ruff", "psutil"],  # psutil: the crash tests and the soak watch processes
+        "dev": ["pytest", "ruff", "mypy", "types-PyYAML", "psutil"],  # psutil: the crash tests and the soak watch processes
     },
     entry_points={"console_scripts": ["pijepa=pijepa.cli:main"]},
 )

@@ -22,10 +22,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pijepa.bench.step import bench_loss, bench_step, build_jepa
 from pijepa.losses import build_loss
 from pijepa.masks import MultiBlockMaskCollator
 from pijepa.models.attention import attention, xformers_available
-from pijepa.tools.bench_step import bench_loss, bench_step, build_jepa
 
 RESULTS: dict = {"checks": [], "timings": {}}
 

@@ -16,30 +16,30 @@ from typing import Any
 
 import yaml
 
-MODEL_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant")
-LOSS_NAMES = ("L2", "PKT", "L2_PKT", "L2_PKT_chunks")
-PKT_GROUPINGS = ("chunk", "image", "block")
-ATTN_BACKENDS = ("sdpa", "math", "xformers")
-DATASETS = ("synthetic", "folder", "webdataset")
-WDS_MODES = ("resampled", "finite")
-STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
-FSDP_SHARDINGS = ("full", "grad_op", "hybrid")
-AC_MODES = ("none", "full", "selective")
-MASK_PLACEMENTS = ("full", "original")
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the file, the key and what is allowed."""
+from pijepa.data import DATASETS, DatasetName
+from pijepa.data.wds import MODES as WDS_MODES
+from pijepa.data.wds import WdsMode
+from pijepa.losses.pkt import GROUPINGS as PKT_GROUPINGS
+from pijepa.losses.pkt import PktGrouping
+from pijepa.losses.registry import LOSS_NAMES, LossName
+from pijepa.masks.multiblock import PLACEMENTS as MASK_PLACEMENTS
+from pijepa.masks.multiblock import MaskPlacement
+from pijepa.models.attention import ATTN_BACKENDS, AttnBackend
+from pijepa.models.vit import MODEL_NAMES, ModelName
+from pijepa.parallel.options import AC_MODES, FSDP_SHARDINGS, STRATEGIES, DistConfig
+from pijepa.runtime.atomic import atomic_write_text
+from pijepa.runtime.errors import ConfigError
+from pijepa.runtime.resources import resolve_packaged
 
 
 @dataclass
 class MetaConfig:
-    model_name: str = "vit_tiny"
+    model_name: ModelName = "vit_tiny"
     encoder_depth: int = 0  # blocks of the encoder; 0 keeps model_name's standard depth
     pred_depth: int = 6
     pred_emb_dim: int = 384
     use_bfloat16: bool = False  # bf16 autocast where the device supports it; CPU default is fp32
-    attn_backend: str = "sdpa"  # sdpa | math | xformers
+    attn_backend: AttnBackend = "sdpa"
     seed: int = 0
     load_checkpoint: bool = False  # start from read_checkpoint (weights only) on a fresh run
     read_checkpoint: str | None = None
@@ -48,13 +48,13 @@ class MetaConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # synthetic | folder | webdataset
+    dataset: DatasetName = "synthetic"
     root_path: str = ""
     image_folder: str = ""  # folder dataset: root_path/image_folder is an ImageFolder tree
     # webdataset: brace patterns, index files/folders (shards.json) or pipe: commands, separated by
     # commas (outside braces) or "::"; a YAML list is joined with commas
     shards: str = ""
-    wds_mode: str = "resampled"  # resampled (shards drawn with replacement) | finite (each sample once an epoch)
+    wds_mode: WdsMode = "resampled"  # resampled (shards drawn with replacement) | finite (each sample once an epoch)
     shuffle_buffer: int = 1000  # samples per reader in webdataset's shuffle buffer; 0 or 1 disables it
     epoch_samples: int = 0  # samples per epoch; 0 takes the total of shards.json (needed without one)
     batch_size: int = 32  # per rank and micro-step
@@ -81,7 +81,7 @@ class MaskConfig:
     min_keep: int = 10
     num_enc_masks: int = 1
     num_pred_masks: int = 4
-    placement: str = "full"  # full | original (I-JEPA's, never reaches the last row/column)
+    placement: MaskPlacement = "full"  # full | original (I-JEPA's, never reaches the last row/column)
 
 
 @dataclass
@@ -95,10 +95,10 @@ class OptimizationConfig:
     start_lr: float = 2.0e-4
     warmup: float = 40  # epochs of linear warm-up
     weight_decay: float = 0.04
-    loss_function: str = "L2_PKT"
+    loss_function: LossName = "L2_PKT"
     l2_weight: float = 1.0
     pkt_weight: float = 1.0
-    pkt_grouping: str = "chunk"  # chunk | image | block
+    pkt_grouping: PktGrouping = "chunk"
     pkt_chunk_size: int = 256
     fused_loss: bool = True
     clip_grad: float = 0.0  # max gradient norm; 0 disables clipping
@@ -115,22 +115,6 @@ class LoggingConfig:
     keep_checkpoints: int = 2  # newest K step checkpoints kept
     tensorboard: bool = True
     mask_viz_freq: int = 500  # optimizer steps between mask-grid images in TensorBoard; 0 disables
-
-
-@dataclass
-class DistConfig:
-    strategy: str = "single"  # single | ddp | fsdp | deepspeed
-    # FSDP2 (fully_shard): full = reshard after forward (ZeRO-3 like); grad_op = keep parameters
-    # unsharded between forward and backward (ZeRO-2 like); hybrid = shard within a node,
-    # replicate across nodes over a 2-D mesh of hybrid_shard_size ranks per shard group.
-    fsdp_sharding: str = "full"  # full | grad_op | hybrid
-    hybrid_shard_size: int = 0  # ranks per shard group for hybrid; 0 = ranks per node (LOCAL_WORLD_SIZE)
-    activation_checkpointing: str = "none"  # none | full | selective (every ac_every-th block)
-    ac_every: int = 2
-    compile: bool = False  # torch.compile each transformer block
-    async_checkpoint: bool = False  # FSDP: torch.distributed.checkpoint.async_save
-    deepspeed_config: str = "ds_configs/zero2_bf16.json"  # DeepSpeed JSON; batch keys come from data.*
-    zero_stage: int = -1  # overrides the JSON's zero_optimization.stage when >= 0
 
 
 @dataclass
@@ -163,7 +147,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(Path(path))
+        path = resolve_packaged(path, kind="config")  # a file, or a packaged name: cpu_default
+        source = str(path)
+        raw = _read_yaml(path)
     for item in overrides:
         _apply_override(raw, item)
     _join_shard_list(raw, source)
@@ -243,6 +229,10 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, source, key)
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{source}: {key} = {value!r} is not allowed; expected one of " + ", ".join(args))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{source}: {key} = {value!r}: expected a list of {len(args)} numbers")
@@ -375,7 +365,4 @@ def validate(cfg: Config, source: str = "<config>") -> None:
 
 def dump_config(cfg: Config, path: Path) -> None:
     """Writes the resolved config; loading it back gives the same Config."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

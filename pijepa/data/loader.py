@@ -9,13 +9,13 @@ state but the step.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pijepa.train.guards import ignore_preemption_signals
+from pijepa.runtime.log import warn
+from pijepa.runtime.signals import ignore_preemption_signals
 
 MAX_SUBSTITUTES = 16
 
@@ -89,7 +89,7 @@ class StepDataset(Dataset):
                 image, label = self.dataset[i]
                 return image, label, attempt
             except Exception as e:  # decode errors name the file
-                print(f"pijepa: warning: skipping unreadable image #{i}: {e}", file=sys.stderr, flush=True)
+                warn(f"skipping unreadable image #{i}: {e}", all_ranks=True)
         raise RuntimeError(f"{MAX_SUBSTITUTES + 1} images in a row are unreadable (from #{index}): "
                            f"the dataset is damaged; see the warnings above")
 

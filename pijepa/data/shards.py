@@ -65,7 +65,6 @@ import json
 import multiprocessing
 import os
 import re
-import sys
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -77,6 +76,8 @@ import numpy as np
 from PIL import Image, ImageFile
 from tqdm import tqdm
 from webdataset import TarWriter  # (imports torch) imported here so forked workers inherit it
+
+from pijepa.runtime.errors import DataError
 
 INDEX_FORMAT = "pijepa-shards-v1"
 PLAN_FORMAT = "pijepa-shards-plan-v1"
@@ -93,7 +94,7 @@ TAR_BLOCK, TAR_RECORD = 512, 10240
 MAX_KEY_LEN = 80  # "<key>.json" fits one 100-byte name field: no extra pax header, exact size estimates
 
 
-class ShardsError(ValueError):
+class ShardsError(DataError):
     """A user-facing problem (bad source, conflicting output folder...): the message says what to do."""
 
 
@@ -672,32 +673,3 @@ def shard_paths(path: Path | str) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def add_shards_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of `pijepa shards write`."""
-    parser.add_argument("--src", type=Path, action="append", required=True,
-                        help=f"source folder: {LAYOUTS}; repeat for several splits (classes are the union)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder for the shards and shards.json")
-    parser.add_argument("--samples-per-shard", type=int, default=None,
-                        help="fixed samples per shard (default: fill shards up to --max-shard-size)")
-    parser.add_argument("--max-shard-size", type=parse_size, default=1_000_000_000, dest="max_shard_size",
-                        help="shard size limit, e.g. 1GB, 500MB, 2GiB (default 1GB)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the global shuffle (default 0)")
-    parser.add_argument("--workers", type=int, default=1, help="processes writing shards (default 1)")
-    parser.add_argument("--reencode", action="store_true", help="re-encode every image as RGB JPEG q95")
-    parser.add_argument("--prefix", default="train", help="shard name prefix: PREFIX-000000.tar (default train)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser
-
-
-def run_shards_write(args: argparse.Namespace) -> int:
-    """CLI entry: returns the exit status (2 with a one-line message for a user error)."""
-    try:
-        write_shards(args.src, args.out, samples_per_shard=args.samples_per_shard,
-                     max_shard_bytes=args.max_shard_size, seed=args.seed, workers=args.workers,
-                     reencode=args.reencode, prefix=args.prefix, progress=not args.no_progress)
-    except ShardsError as err:
-        print(f"pijepa shards write: error: {err}", file=sys.stderr)
-        return 2
-    return 0

@@ -40,3 +40,10 @@ def build_eval_transform(crop_size: int) -> v2.Compose:
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Undo the ImageNet normalisation of training batches: float ``[B, 3, H, W]`` -> uint8."""
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    return ((images.detach().float().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)

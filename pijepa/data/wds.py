@@ -47,12 +47,11 @@ import hashlib
 import heapq
 import math
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -62,9 +61,11 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from pijepa.data.folder import as_uint8
 from pijepa.data.shards import INDEX_NAME, read_index
-from pijepa.train.guards import ignore_preemption_signals
+from pijepa.runtime.log import warn
+from pijepa.runtime.signals import ignore_preemption_signals
 
-MODES = ("resampled", "finite")
+WdsMode = Literal["resampled", "finite"]
+MODES: tuple[str, ...] = get_args(WdsMode)
 STATE_FORMAT = "pijepa-wds-loader-v1"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SAMPLE_FIELDS = ("__pos__", "__key__", ";".join(IMAGE_KEYS), "cls")
@@ -272,8 +273,7 @@ class SkipLog:
         self.reported += 1
         if self.reported <= _MAX_REPORTS:
             tail = " (further skips of this reader are counted, not reported)" if self.reported == _MAX_REPORTS else ""
-            print(f"pijepa data: skipped {count} sample(s) [reader worker {self.worker}]: {reason}{tail}",
-                  file=sys.stderr, flush=True)
+            warn(f"data: skipped {count} sample(s) [reader worker {self.worker}]: {reason}{tail}", all_ranks=True)
 
     def sample_error(self, exn: Exception) -> bool:
         """webdataset handler for decode/to_tuple: the failing sample is the last one read."""
@@ -463,9 +463,8 @@ class WebDatasetLoader:
     def iter_with_info(self) -> Iterator[tuple[tuple, dict]]:
         """(batch, info) pairs; info: worker, batch, u, epoch/offset after the batch, skipped, keys, cpu_s."""
         if not self.positioned:
-            print(f"pijepa data: the checkpoint holds no webdataset loader position; starting every reader "
-                  f"at the start of reader epoch {self.readers[0]['epoch']} (micro-batch {self.micro})",
-                  file=sys.stderr, flush=True)
+            warn(f"data: the checkpoint holds no webdataset loader position; starting every reader "
+                 f"at the start of reader epoch {self.readers[0]['epoch']} (micro-batch {self.micro})")
             self.positioned = True
         workers = self.plan.workers
         stream = ShardStream(self.plan, self.rank, self.batch_size, self.shuffle_buffer, self.transform,

@@ -9,12 +9,15 @@ the mean over groups of each group's PKT. The fused, batched version lives in ``
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from pijepa.losses.regression import fp32_region
 
 PKT_EPS = 1e-7
-GROUPINGS = ("chunk", "image", "block")
+PktGrouping = Literal["chunk", "image", "block"]
+GROUPINGS: tuple[str, ...] = get_args(PktGrouping)
 
 
 def unit_rows(x: torch.Tensor, eps: float = PKT_EPS) -> torch.Tensor:

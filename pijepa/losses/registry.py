@@ -9,6 +9,7 @@ gradient into it), ``masks_pred [M, B, K]``. ``parts`` holds detached float32 sc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
@@ -17,7 +18,8 @@ from pijepa.losses.pkt import GROUPINGS, grouped_pkt
 from pijepa.losses.regression import normalize_targets, smooth_l1
 from pijepa.masks import apply_masks
 
-LOSS_NAMES = ("L2", "PKT", "L2_PKT", "L2_PKT_chunks")
+LossName = Literal["L2", "PKT", "L2_PKT", "L2_PKT_chunks"]
+LOSS_NAMES: tuple[str, ...] = get_args(LossName)
 _USES_L2 = ("L2", "L2_PKT", "L2_PKT_chunks")
 _USES_PKT = ("PKT", "L2_PKT", "L2_PKT_chunks")
 

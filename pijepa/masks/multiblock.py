@@ -31,11 +31,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-PLACEMENTS = ("full", "original")
+MaskPlacement = Literal["full", "original"]
+PLACEMENTS: tuple[str, ...] = get_args(MaskPlacement)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-ATTN_BACKENDS = ("xformers", "sdpa", "math")
+AttnBackend = Literal["sdpa", "math", "xformers"]
+ATTN_BACKENDS: tuple[str, ...] = get_args(AttnBackend)
 
 
 @functools.cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,8 @@ from pijepa.models.pos_embed import get_2d_sincos_pos_embed, interpolate_pos_emb
 LAYER_NORM_EPS = 1e-6
 
 # name -> (embed_dim, depth, num_heads, mlp_ratio), as in I-JEPA's src/models/vision_transformer.py
+ModelName = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant"]
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 VIT_SIZES: dict[str, tuple[int, int, int, float]] = {
     "vit_tiny": (192, 12, 3, 4.0),
     "vit_small": (384, 12, 6, 4.0),

@@ -14,10 +14,12 @@ from pijepa.data.loader import build_step_loader
 from pijepa.data.synthetic import SyntheticShapes
 from pijepa.data.transforms import build_train_transform
 from pijepa.data.wds import build_wds_loader, check_readers, resolve_shards
-from pijepa.dist.base import JEPAModels
 from pijepa.losses import build_loss
 from pijepa.masks import MultiBlockMaskCollator
 from pijepa.models import build_encoder, build_predictor
+from pijepa.parallel import RunShape, Strategy, build_strategy
+from pijepa.parallel import options as parallel_options
+from pijepa.parallel.base import JEPAModels
 
 
 def build_models(cfg: Config) -> JEPAModels:
@@ -116,11 +118,14 @@ def steps_per_epoch(dataset_len: int, global_batch: int) -> int:
 
 def accumulation_steps(cfg: Config, world_size: int) -> int:
     """Micro-steps per optimizer step so that batch_size x accum x world = global_batch_size."""
-    per_step = cfg.data.batch_size * world_size
-    if not cfg.data.global_batch_size:
-        return 1
-    if cfg.data.global_batch_size % per_step:
-        raise ValueError(
-            f"data.global_batch_size {cfg.data.global_batch_size} is not a multiple of data.batch_size "
-            f"{cfg.data.batch_size} x {world_size} ranks = {per_step}")
-    return cfg.data.global_batch_size // per_step
+    return parallel_options.accumulation_steps(cfg.data.batch_size, cfg.data.global_batch_size, world_size)
+
+
+def run_shape(cfg: Config) -> RunShape:
+    d = cfg.data
+    return RunShape(bf16=cfg.meta.use_bfloat16, micro_batch=d.batch_size, global_batch=d.global_batch_size,
+                    clip_grad=cfg.optimization.clip_grad)
+
+
+def build_strategy_for(cfg: Config) -> Strategy:
+    return build_strategy(cfg.dist, run_shape(cfg))

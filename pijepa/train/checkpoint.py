@@ -19,7 +19,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pijepa.dist.base import Strategy
 from pijepa.models.loading import describe_load_error
+from pijepa.parallel.base import Strategy
+from pijepa.runtime.log import warn
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Tests set this to make "killed while a checkpoint is being written" a point they can hit.
@@ -137,7 +137,7 @@ class Checkpointer:
     def _remove_incomplete(self) -> None:
         if self.strategy.is_main and self.root.is_dir():
             for tmp in sorted(self.root.glob("step_*.tmp")):
-                _warn(f"removing incomplete checkpoint {tmp} (its save was interrupted)")
+                warn(f"removing incomplete checkpoint {tmp} (its save was interrupted)")
                 shutil.rmtree(tmp, ignore_errors=True)
         self.strategy.barrier()
 
@@ -151,9 +151,5 @@ class Checkpointer:
                 aside, n = folder.with_name(f"{folder.name}.unreadable{n}"), n + 1
             folder.rename(aside)
             why = describe_load_error(error) if error else "unreadable on another rank"
-            _warn(f"checkpoint {folder} is unreadable ({why}); moved to {aside.name}, trying the previous one")
+            warn(f"checkpoint {folder} is unreadable ({why}); moved to {aside.name}, trying the previous one")
         self.strategy.barrier()
-
-
-def _warn(message: str) -> None:
-    print(f"pijepa: warning: {message}", file=sys.stderr, flush=True)

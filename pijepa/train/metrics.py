@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import csv
-import resource
-import sys
 from pathlib import Path
 
 import torch
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory, or the process's peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class MetricsLogger:
@@ -58,7 +49,3 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
-
-
-def console(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

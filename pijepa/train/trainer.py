@@ -11,12 +11,18 @@ import torch
 from tqdm import tqdm
 
 from pijepa.config import Config, dump_config
-from pijepa.dist import build_strategy
+from pijepa.data.transforms import to_uint8
+from pijepa.masks.viz import mask_grid_from_batch
+from pijepa.runtime.errors import DataError, NonFiniteError
+from pijepa.runtime.log import console, warn
+from pijepa.runtime.memory import peak_memory_mb
+from pijepa.runtime.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
 from pijepa.train.build import (
     accumulation_steps,
     build_dataset,
     build_loss_fn,
     build_models,
+    build_strategy_for,
     build_train_loader,
     loader_counters,
     loader_state,
@@ -24,8 +30,7 @@ from pijepa.train.build import (
     restore_loader_state,
 )
 from pijepa.train.checkpoint import Checkpointer, rng_state
-from pijepa.train.guards import PREEMPTED_EXIT_CODE, NonFiniteError, PreemptionFlag
-from pijepa.train.metrics import MetricsLogger, console, peak_memory_mb
+from pijepa.train.metrics import MetricsLogger
 from pijepa.train.schedules import build_schedules
 
 
@@ -33,14 +38,14 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = Path(cfg.logging.folder)
-        self.strategy = build_strategy(cfg.dist.strategy, cfg)
+        self.strategy = build_strategy_for(cfg)
         world, rank = self.strategy.world_size, self.strategy.rank
         self.accum = accumulation_steps(cfg, world)
         self.global_batch = cfg.data.batch_size * self.accum * world
         self.dataset = build_dataset(cfg, world)
         self.steps_per_epoch = len(self.dataset) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than one optimizer step "
+            raise DataError(f"the dataset has {len(self.dataset)} images, fewer than one optimizer step "
                              f"of data.global_batch_size {self.global_batch}")
         self.total_steps = cfg.optimization.epochs * self.steps_per_epoch
         if cfg.optimization.max_steps:
@@ -198,15 +203,14 @@ class Trainer:
                 f"(optimization.max_nonfinite_steps); this rank's loss: {values}. Last good checkpoint: "
                 f"{self.last_checkpoint or 'none'}")
         if self.strategy.is_main:
-            console(f"warning: step {done}: non-finite loss or gradients ({values}); step skipped "
+            warn(f"step {done}: non-finite loss or gradients ({values}); step skipped "
                     f"({self.nonfinite_in_a_row} in a row, {self.skipped_steps} in this process)")
 
     def _log_masks(self, batch, step: int) -> None:
         """The masks this step trained on, drawn over its first images (rank 0, CPU, cheap)."""
-        from pijepa.tools.viz import mask_grid_from_batch
 
         images, _labels, masks_enc, masks_pred = batch
-        self.metrics.image("masks", mask_grid_from_batch(images, masks_enc, masks_pred,
+        self.metrics.image("masks", mask_grid_from_batch(to_uint8(images[:8]), masks_enc, masks_pred,
                                                          self.cfg.mask.patch_size), step)
 
     def _scalars(self, loss, parts, grad_norm, steps: int, elapsed: float) -> dict[str, float]:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import pijepa
-from pijepa.tools.export import export_encoder
+from pijepa.parallel.formats import export_encoder
 from tests.conftest import REPO, TINY_OVERRIDES, launch_env, run_cli
 
 STEPS, MID = 6, 3  # the main run checkpoints at MID and STEPS
@@ -272,8 +272,8 @@ def test_fsdp_without_torchrun_is_one_clear_line(tmp_path):
 
 
 def test_apply_ac_and_compile_wrap_blocks_under_canonical_names():
-    from pijepa.dist.parallelize import apply_ac, apply_compile, canonical_name, transformer_blocks
     from pijepa.models import build_encoder, build_predictor
+    from pijepa.parallel.parallelize import apply_ac, apply_compile, canonical_name, transformer_blocks
 
     enc = build_encoder("vit_tiny", patch_size=8, img_size=32)
     pred = build_predictor(enc, pred_depth=4, pred_emb_dim=48)

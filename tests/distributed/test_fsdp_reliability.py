@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pijepa.dist.fsdp import read_full_state
+from pijepa.parallel.fsdp import read_full_state
 from tests.reliability import (
     assert_same_weights,
     clean_env,

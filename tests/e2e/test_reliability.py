@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from pijepa.train.guards import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
+from pijepa.runtime.signals import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
 from tests.reliability import (
     assert_same_weights,
     clean_env,

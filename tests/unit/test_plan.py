@@ -1,4 +1,4 @@
-"""`pijepa plan` (pijepa/tools/plan.py): the memory model against what PyTorch really keeps and
+"""`pijepa plan` (pijepa/plan/): the memory model against what PyTorch really keeps and
 really allocates, the state formulas, and the plans of the published recipes.
 
 The memory model is checked three ways, from exact to end-to-end:
@@ -25,7 +25,7 @@ import torch
 from pijepa.config import load_config
 from pijepa.masks import MultiBlockMaskCollator
 from pijepa.models import Block
-from pijepa.tools import plan as P
+from pijepa.plan import planner as P
 from tests.conftest import REPO
 
 MiB = 2**20
@@ -63,7 +63,7 @@ def weight_cast_bytes(seen: dict, *modules: torch.nn.Module) -> float:
 
 
 def tiny_jepa(model="vit_tiny", img=96, patch=8, pred_depth=6, pred_dim=96):
-    from pijepa.tools.bench_step import build_jepa
+    from pijepa.bench.step import build_jepa
 
     return build_jepa(model, patch, img, pred_depth, pred_dim, torch.device("cpu"), "sdpa")
 
@@ -174,10 +174,10 @@ def _measure_worker(cases_json: str) -> None:
     anything: interpreter, torch and its warmed-up runtime), `resident` (after the warm-up),
     `before` (inputs created, just before the step) and `peak` (VmHWM during the step).
     """
-    from pijepa.dist.base import ema_update_, param_groups
-    from pijepa.dist.parallelize import apply_ac
     from pijepa.losses import build_loss
-    from pijepa.tools.bench_step import peak_memory_mb, reset_peak_memory
+    from pijepa.parallel.base import ema_update_, param_groups
+    from pijepa.parallel.parallelize import apply_ac
+    from pijepa.runtime.memory import peak_memory_mb, reset_peak_memory
 
     cpu = torch.device("cpu")
     torch.manual_seed(0)
@@ -431,7 +431,7 @@ def test_bad_arguments_are_refused() -> None:
 
 
 def test_step_flops_reuse_bench_step_and_add_the_recomputation() -> None:
-    from pijepa.tools.bench_step import step_flops, transformer_flops
+    from pijepa.bench.step import step_flops, transformer_flops
 
     args = ("vit_huge", 14, 224, 12, 384)
     encoder, predictor = P.meta_models(*args)

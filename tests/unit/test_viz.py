@@ -1,4 +1,4 @@
-"""Mask pictures (pijepa/tools/viz.py): pixels where the collator's masks say, PNG and TensorBoard."""
+"""Mask pictures (pijepa/masks/viz.py): pixels where the collator's masks say, PNG and TensorBoard."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from pijepa.cli import main
+from pijepa.commands import viz as viz_command
 from pijepa.config import ConfigError, load_config
+from pijepa.masks import viz
 from pijepa.masks.multiblock import masks_to_indices
-from pijepa.tools import viz
 from pijepa.train.build import build_collator
 from tests.conftest import REPO, TINY_OVERRIDES
 
@@ -87,7 +88,7 @@ def test_viz_masks_png_shows_the_collators_masks(tmp_path, capsys, config, blank
     blocks = collator.sample_block_masks(n, step)
     context = torch.zeros(n, collator.num_patches, dtype=torch.bool)
     context.scatter_(1, masks_to_indices(blocks.enc)[0], True)  # what the encoder sees
-    images, note = viz.config_images(cfg, n)
+    images, note = viz_command.config_images(cfg, n)
     assert (note is not None) == blank
     if blank:
         assert torch.all(images == viz.BLANK_GREY)
@@ -102,7 +103,7 @@ def test_viz_masks_png_shows_the_collators_masks(tmp_path, capsys, config, blank
     pixels, bases = patch_centres(canvas, images, collator.grid, scale, cols)
     assert torch.equal(read_classes(pixels, bases, collator.npred), expected_classes(context, blocks.pred))
 
-    _, title, _ = viz.masks_figure(cfg, n, step)
+    _, title, _ = viz_command.masks_figure(cfg, n, step)
     (ph, pw), (eh, ew) = blocks.pred_size, blocks.enc_size
     assert f"{collator.npred} target blocks of {ph}x{pw}" in title and f"context block {eh}x{ew}" in title
 

@@ -14,18 +14,14 @@ import signal
 import threading
 from types import FrameType
 
+from pijepa.runtime.errors import NonFiniteError
+
 # EX_TEMPFAIL (sysexits.h): "a temporary failure; the user is invited to retry".
 PREEMPTED_EXIT_CODE = 75
 # The run diverged: retrying from the same checkpoint with the same settings will not help.
-NONFINITE_EXIT_CODE = 4
+NONFINITE_EXIT_CODE = NonFiniteError.exit_code
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class NonFiniteError(RuntimeError):
-    """The run stopped because its loss, gradients or parameters are not finite."""
-
-    exit_code = NONFINITE_EXIT_CODE
 
 
 class PreemptionFlag:

@@ -29,7 +29,7 @@ Model state (bf16 runs; fp32 runs use 4-byte weights everywhere and have no sepa
   then keeps 4Psi of param.grad between micro-steps; FSDP2 keeps the UNSHARDED gradients, upcast to
   the fp32 reduce dtype (4Psi, not 4Psi/S), until the last micro-step reduce-scatters them. This is
   counted whenever accumulation > 1 and is why FSDP prefers accumulation 1.
-- DeepSpeed bf16 (pijepa/dist/deepspeed.py, ds_configs/): the engine holds bf16 module weights; the
+- DeepSpeed bf16 (pijepa/parallel/deepspeed.py, ds_configs/): the engine holds bf16 module weights; the
   ZeRO optimizer holds fp32 master weights and AdamW m, v (the ZeRO paper's K = 12 bytes per
   parameter), partitioned over N; pijepa sets `data_types.grad_accum_dtype: fp32`, so gradients
   accumulate in fp32: in a full buffer at ZeRO-1 (DeepSpeed's BF16_Optimizer), in the rank's
@@ -88,7 +88,6 @@ reduce-scatter of X bytes moves X (N-1)/N per GPU, an all-reduce twice that.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -629,7 +628,7 @@ def estimate_memory(shape: ModelShape, batch: int, tokens: Tokens, strategy: str
 def micro_step_flops(shape_args: tuple, batch: int, tokens: Tokens, ac: str, ac_every: int,
                      loss: LossSpec) -> float:
     """`bench_step.step_flops` at these lengths, plus the forward recomputed under checkpointing."""
-    from pijepa.tools.bench_step import step_flops, transformer_flops
+    from pijepa.bench.step import step_flops, transformer_flops
 
     encoder, predictor = meta_models(*shape_args)
     rows = tokens.num_targets * batch * tokens.tgt
@@ -797,7 +796,7 @@ def configured_strategy(cfg, gpus: int) -> tuple[str, int]:
     stage = t.zero_stage
     if stage < 0:
         stage = 2
-        # As pijepa.dist.deepspeed resolves it: as given, else relative to the repository.
+        # As pijepa.parallel.deepspeed resolves it: as given, else relative to the repository.
         path = next((p for p in (Path(t.deepspeed_config), REPO / t.deepspeed_config) if p.is_file()), None)
         if path is not None:
             stage = int(json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 2))
@@ -942,38 +941,8 @@ def plan_to_json(plan: dict[str, Any], config_name: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- CLI
 
 
-def add_arguments(subparsers) -> argparse.ArgumentParser:
-    """Adds `plan` to the `pijepa` subcommands."""
-    p = subparsers.add_parser(
-        "plan", help="memory per GPU, micro-batch, accumulation, step time and communication per strategy")
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value; repeatable")
-    p.add_argument("--gpus", type=int, default=16, help="number of GPUs (default 16)")
-    p.add_argument("--gpu", default="a100-80gb", choices=sorted(GPUS), help="GPU model (default a100-80gb)")
-    p.add_argument("--utilization", type=float, default=0.4,
-                   help="fraction of the datasheet bf16 dense peak reached, for the step time (default 0.4; "
-                        "docs/perf.md's single-H200 ViT-H/14 steps reach 0.28-0.30 eager, 0.36 compiled)")
-    p.add_argument("--global-batch", type=int, default=None,
-                   help="effective batch (default: data.global_batch_size, else batch_size x GPUs)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.set_defaults(run=run_plan)
-    return p
-
-
-def run_plan(args: argparse.Namespace) -> None:
-    from pijepa.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    plan = make_plan(cfg, args.gpu, args.gpus, args.utilization, args.global_batch)
-    if args.json:
-        print(json.dumps(plan_to_json(plan, args.config), indent=2))
-    else:
-        print(format_plan(plan, args.config))
-
-
 __all__ = [
     "GPUS", "Tokens", "MaskTokens", "ModelShape", "Precision", "LossSpec", "model_shape", "precision",
     "block_saved_bytes", "activation_bytes", "state_bytes", "estimate_memory", "communication_bytes",
-    "micro_step_flops", "make_plan", "format_plan", "plan_to_json", "add_arguments", "run_plan",
+    "micro_step_flops", "make_plan", "format_plan", "plan_to_json",
 ]

@@ -1,4 +1,5 @@
-"""`pijepa viz masks`: pictures of the multi-block masks the collator draws.
+"""Pictures of the multi-block masks the collator draws (`pijepa viz masks`, the trainer's
+TensorBoard images).
 
 Each image of a grid is shown with:
 
@@ -9,24 +10,18 @@ Each image of a grid is shown with:
 * every other patch darkened (neither seen by the context encoder nor predicted).
 
 The grid is built with plain tensor ops (`render_grid`), so the trainer can log it to TensorBoard
-cheaply (`mask_grid_from_batch`, from the masks of the batch it just trained on); `save_masks_png`
+cheaply (`mask_grid_from_batch`, from the masks of the batch it just trained on); `save_png`
 adds a title with the block sizes and writes a PNG with matplotlib. In the PNG the grid sits below
 the title band pixel for pixel (no resampling), so each patch's colour can be read back.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import torch
-from torchvision.transforms import v2
-
-from pijepa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CONTEXT_COLOUR = (30, 100, 255)
 # Distinct from the context blue and from each other; cycled when there are more targets.
@@ -128,16 +123,9 @@ def render_grid(images: torch.Tensor, context: torch.Tensor, targets: torch.Tens
     return canvas
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Undo the ImageNet normalisation of training batches: float ``[B, 3, H, W]`` -> uint8."""
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
-    return ((images.detach().float().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
-
-
 def mask_grid_from_batch(images: torch.Tensor, masks_enc: torch.Tensor, masks_pred: torch.Tensor,
                          patch_size: int, max_images: int = 8, tile_px: int = 128) -> torch.Tensor:
-    """The grid for a training batch (normalised images, index masks ``[M, B, K]``), CHW uint8.
+    """The grid for a training batch (uint8 images ``[B, 3, H, W]``, index masks ``[M, B, K]``), CHW uint8.
 
     Cheap enough to call from the training loop: at most ``max_images`` images, tiles of about
     ``tile_px`` pixels, no matplotlib.
@@ -148,68 +136,7 @@ def mask_grid_from_batch(images: torch.Tensor, masks_enc: torch.Tensor, masks_pr
     context = indices_to_bool(masks_enc[:, :n], num_patches).any(0)  # union of the context masks
     targets = indices_to_bool(masks_pred[:, :n], num_patches)
     scale = max(1, round(tile_px / images.shape[2]))
-    return render_grid(to_uint8(images[:n]), context, targets, grid, scale)
-
-
-# ----------------------------------------------------------------------------- images of a config
-
-
-def _display_transform(crop: int) -> v2.Compose:
-    return v2.Compose([v2.Resize(crop, antialias=True), v2.CenterCrop(crop)])
-
-
-def _images_from_path(path: Path, n: int) -> list[torch.Tensor]:
-    """Up to ``n`` images spread over the first classes (folder, tars) or the first shard."""
-    from pijepa.eval import datasets as ds
-
-    layout = ds.detect_eval_layout(path)
-    if layout == "shards":
-        folder = path.parent if path.is_file() else path
-        index = ds.read_index(path)
-        samples = [s for _, s in sorted(ds.scan_shard(folder / index["shards"][0]["name"],
-                                                      len(index["classes"])), key=lambda t: t[0])]
-    else:
-        containers, _ = ds.class_containers(path, layout)
-        per_class = math.ceil(n / max(1, min(len(containers), n)))
-        samples = []
-        for label, container in enumerate(containers):
-            samples += ds.scan_class(path, layout, container, label)[0][:per_class]
-            if len(samples) >= n:
-                break
-    return [ds.decode_sample(s) for s in samples[:n]]
-
-
-def config_images(cfg, n: int) -> tuple[torch.Tensor, str | None]:
-    """``uint8 [n, 3, crop, crop]`` images from the config's dataset, and a note when the data
-    could not be read and blank images stand in for it."""
-    d = cfg.data
-    crop = d.crop_size
-    if d.dataset == "synthetic":
-        from pijepa.data.synthetic import SyntheticShapes
-
-        shapes = SyntheticShapes(n, d.synthetic_classes, image_size=crop, seed=cfg.meta.seed)
-        return torch.stack([shapes[i][0] for i in range(n)]), None
-    path = Path(d.root_path) / d.image_folder if d.dataset == "folder" else Path(d.shards)
-    note = None
-    images: list[torch.Tensor] = []
-    if path.exists():
-        try:
-            images = _images_from_path(path, n)
-        except (OSError, RuntimeError, ValueError) as e:
-            note = f"cannot read images from {path} ({e})"
-    else:
-        note = f"data path {path} does not exist"
-    if not images:
-        note = note or f"no images found in {path}"
-        return torch.full((n, 3, crop, crop), BLANK_GREY, dtype=torch.uint8), note + "; blank images shown"
-    transform = _display_transform(crop)
-    images = [transform(im) for im in images]
-    while len(images) < n:  # fewer images than asked for: repeat them (the masks still differ)
-        images.append(images[len(images) % max(1, len(images))])
-    return torch.stack(images), None
-
-
-# ----------------------------------------------------------------------------- the PNG
+    return render_grid(images[:n], context, targets, grid, scale)
 
 
 def describe_masks(blocks, collator, step: int, kept: int) -> str:
@@ -224,28 +151,6 @@ def describe_masks(blocks, collator, step: int, kept: int) -> str:
     if relaxed:
         text += f"; {relaxed} image(s) kept some target patches in the context (min_keep)"
     return text + ". Blue: context; colours: target blocks; dark: neither."
-
-
-def masks_figure(cfg, num_images: int = 8, step: int = 0) -> tuple[torch.Tensor, str, dict[str, Any]]:
-    """(grid CHW uint8, title, info) for ``num_images`` images and the masks of ``step``."""
-    from pijepa.masks.multiblock import masks_to_indices
-    from pijepa.train.build import build_collator
-
-    collator = build_collator(cfg)
-    blocks = collator.sample_block_masks(num_images, step)
-    # The context as the encoder gets it: the collator's index masks, cut to the batch minimum.
-    enc_idx = masks_to_indices(blocks.enc)
-    context = indices_to_bool(enc_idx, collator.num_patches).any(0)
-    images, note = config_images(cfg, num_images)
-    crop = cfg.data.crop_size
-    scale = max(1, round(192 / crop))
-    grid = render_grid(images, context, blocks.pred, collator.grid, scale)
-    title = describe_masks(blocks, collator, step, enc_idx.shape[-1])
-    if note:
-        title = f"[{note}] " + title
-    info = {"blocks": blocks, "context": context, "scale": scale, "note": note,
-            "tile_hw": (crop * scale, crop * scale), "ncols": grid_shape(num_images)[1]}
-    return grid, title, info
 
 
 def save_png(grid: torch.Tensor, title: str, out: str | Path) -> int:
@@ -273,26 +178,3 @@ def save_png(grid: torch.Tensor, title: str, out: str | Path) -> int:
     return band
 
 
-def add_viz_masks_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", required=True, help="YAML config whose mask settings to draw")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value; repeatable")
-    parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--images", type=int, default=8, help="images in the grid (default 8)")
-    parser.add_argument("--step", type=int, default=0, help="training step whose masks to draw (default 0)")
-    return parser
-
-
-def run_viz_masks(args: argparse.Namespace) -> None:
-    from pijepa.config import load_config
-
-    if not 1 <= args.images <= 256:
-        raise ValueError(f"--images must be in 1..256, got {args.images}")
-    if args.step < 0:
-        raise ValueError(f"--step must be >= 0, got {args.step}")
-    cfg = load_config(args.config, args.overrides)
-    grid, title, info = masks_figure(cfg, args.images, args.step)
-    save_png(grid, title, args.out)
-    if info["note"]:
-        print(f"pijepa viz masks: {info['note']}", file=sys.stderr)
-    print(f"pijepa viz masks: wrote {args.out}", file=sys.stderr)

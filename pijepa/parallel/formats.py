@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from pijepa.dist.parallelize import canonical_name
+from pijepa.parallel.parallelize import canonical_name
 
 ENCODER_FORMAT = "pijepa-encoder-v1"
 PARTS = ("encoder", "target_encoder", "predictor")
@@ -41,9 +41,9 @@ class CheckpointFormat:
 
 
 FORMATS: tuple[CheckpointFormat, ...] = (
-    CheckpointFormat("single", "state.pt", "pijepa.dist.single"),  # single process and DDP
-    CheckpointFormat("fsdp", ".metadata", "pijepa.dist.fsdp"),  # torch.distributed.checkpoint
-    CheckpointFormat("deepspeed", "ds_state.pt", "pijepa.dist.deepspeed"),  # engine.save_checkpoint + ds_state.pt
+    CheckpointFormat("single", "state.pt", "pijepa.parallel.single"),  # single process and DDP
+    CheckpointFormat("fsdp", ".metadata", "pijepa.parallel.fsdp"),  # torch.distributed.checkpoint
+    CheckpointFormat("deepspeed", "ds_state.pt", "pijepa.parallel.deepspeed"),  # engine.save_checkpoint + ds_state.pt
 )
 
 

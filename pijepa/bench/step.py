@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -20,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from pijepa.dist.base import JEPAModels, ema_update_, param_groups
 from pijepa.losses import build_loss
 from pijepa.masks import MultiBlockMaskCollator
 from pijepa.masks.reference import ReferenceMaskCollator
 from pijepa.models import build_encoder, build_predictor
+from pijepa.runtime.memory import peak_memory_mb, reset_peak_memory
+from pijepa.parallel.base import JEPAModels, ema_update_, param_groups
 
 # ---------------------------------------------------------------- measurement helpers
 
@@ -57,25 +57,6 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None
     b = torch.randn(size, size, device=device, dtype=dtype)
     times = time_calls(lambda: a @ b, device, warmup=2, repeats=10 if device.type == "cpu" else 20)
     return 2 * size**3 / min(times)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:  # Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM)
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # ---------------------------------------------------------------- analytic FLOPs
@@ -168,7 +149,7 @@ def bench_step(model: str = "vit_small", patch: int = 16, img: int = 224, batch:
         attn = "math" if variant == "baseline" else ("xformers" if "xformers" in variant else "sdpa")
         models = build_jepa(model, patch, img, pred_depth, pred_dim, dev, attn)
         if "compile" in variant:
-            from pijepa.dist.parallelize import apply_compile
+            from pijepa.parallel.parallelize import apply_compile
             for m in (models.encoder, models.predictor, models.target_encoder):
                 apply_compile(m)
         loss_fn = build_loss("L2_PKT", chunk_size=chunk_size, fused="fused" in variant)
@@ -242,69 +223,3 @@ def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     return f"cpu ({torch.get_num_threads()} threads)"
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_arguments(bench) -> None:
-    """Adds `step`, `loss` and `masks` to the `pijepa bench` subcommands."""
-    step = bench.add_parser("step", help="time the full training step for several variants")
-    step.add_argument("--model", default="vit_small")
-    step.add_argument("--patch", type=int, default=16)
-    step.add_argument("--img", type=int, default=224)
-    step.add_argument("--batch", type=int, default=8)
-    step.add_argument("--pred-depth", type=int, default=6)
-    step.add_argument("--pred-dim", type=int, default=384)
-    step.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    step.add_argument("--variants", default="baseline,sdpa,sdpa+fused",
-                      help="comma list of: baseline, sdpa, sdpa+fused, sdpa+fused+compile, xformers+fused")
-    step.add_argument("--repeats", type=int, default=3)
-    step.add_argument("--out", help="also write the results as JSON")
-    step.set_defaults(run=_run_step)
-    loss = bench.add_parser("loss", help="fused vs plain gather + loss, forward and backward")
-    loss.add_argument("--batch", type=int, default=128)
-    loss.add_argument("--repeats", type=int, default=3)
-    loss.add_argument("--out")
-    loss.set_defaults(run=_run_loss)
-    masks = bench.add_parser("masks", help="vectorised mask collator vs the per-image reference")
-    masks.add_argument("--batch", type=int, default=128)
-    masks.add_argument("--img", type=int, default=224)
-    masks.add_argument("--patch", type=int, default=16)
-    masks.add_argument("--out")
-    masks.set_defaults(run=_run_masks)
-
-
-def _emit(result: dict, out: str | None, table: str) -> None:
-    print(table)
-    if out:
-        Path(out).write_text(json.dumps(result, indent=2))
-
-
-def _run_step(args) -> None:
-    r = bench_step(args.model, args.patch, args.img, args.batch, args.pred_depth, args.pred_dim, args.dtype,
-                   variants=tuple(args.variants.split(",")), repeats=args.repeats)
-    lines = [f"bench step: {r['model']} batch {r['batch']} {r['dtype']} on {r['device']}; "
-             f"matmul peak {r['matmul_peak_tflops'] * 1e3:.1f} GFLOP/s; tokens {r['tokens']}",
-             f"{'variant':<22}{'step s':>9}{'img/s':>9}{'TFLOP':>8}{'MFU':>7}{'peak MB':>9}{'vs base':>9}"]
-    for x in r["results"]:
-        lines.append(f"{x['variant']:<22}{x['step_s']:>9.3f}{x['images_per_s']:>9.2f}{x['tflops_per_step']:>8.3f}"
-                     f"{x['mfu']:>7.1%}{x['peak_memory_mb']:>9.0f}{x['speedup']:>8.2f}x")
-    _emit(r, args.out, "\n".join(lines))
-
-
-def _run_loss(args) -> None:
-    r = bench_loss(batch=args.batch, repeats=args.repeats)
-    lines = [f"bench loss: L2_PKT fwd+bwd {r['shape']} on {r['device']}",
-             f"{'grouping':<10}{'plain s':>10}{'fused s':>10}{'speedup':>9}"]
-    for g, x in r["results"].items():
-        lines.append(f"{g:<10}{x['plain']:>10.3f}{x['fused']:>10.3f}{x['speedup']:>8.2f}x")
-    _emit(r, args.out, "\n".join(lines))
-
-
-def _run_masks(args) -> None:
-    r = bench_masks(batch=args.batch, img=args.img, patch=args.patch)
-    table = (f"bench masks: batch {r['batch']}, {r['grid']}x{r['grid']} grid: reference "
-             f"{r['results']['reference'] * 1e3:.1f} ms, vectorised {r['results']['vectorised'] * 1e3:.2f} ms, "
-             f"speedup {r['speedup']:.1f}x")
-    _emit(r, args.out, table)

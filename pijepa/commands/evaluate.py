@@ -1,29 +1,17 @@
-"""Arguments and entry points of `pijepa features`, `pijepa eval knn` and `pijepa eval linear`.
+"""`pijepa features`, `pijepa eval knn` and `pijepa eval linear`: frozen-feature evaluation.
 
-Bad input raises FileNotFoundError / ValueError, which `pijepa.cli.main` turns into one line and
-exit code 2.
+Bad input raises a UserError, which `pijepa.cli.main` turns into one line and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
-from typing import Any
 
+from pijepa.commands._args import positive_int
 from pijepa.eval.features import POOLS
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+from pijepa.models.attention import ATTN_BACKENDS
+from pijepa.runtime.atomic import atomic_write_json
 
 
 def _float_list(text: str) -> list[float]:
@@ -38,15 +26,6 @@ def _int_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Results JSON, written atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- features
@@ -64,15 +43,15 @@ def add_features_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--pool", choices=POOLS, default="mean",
                         help="mean: mean of the last layer's normed tokens (default); lastn: concatenation "
                              "of the last --last-n blocks' mean tokens, each through the final norm")
-    parser.add_argument("--last-n", type=_positive_int, default=4, help="blocks for --pool lastn (default 4)")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (default 64)")
-    parser.add_argument("--img-size", type=_positive_int, default=None,
+    parser.add_argument("--last-n", type=positive_int, default=4, help="blocks for --pool lastn (default 4)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--img-size", type=positive_int, default=None,
                         help="eval crop size (default: the encoder's training size)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per process (default 2)")
-    parser.add_argument("--limit", type=_positive_int, default=None,
+    parser.add_argument("--limit", type=positive_int, default=None,
                         help="use at most N images, taken round-robin over classes")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
-    parser.add_argument("--attn-backend", choices=("sdpa", "math", "xformers"), default="sdpa")
+    parser.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="sdpa")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -105,9 +84,9 @@ def add_knn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--ks", type=_int_list, default=[10, 20, 100, 200],
                         help="ks of the weighted cosine k-NN, comma-separated (default 10,20,100,200)")
     parser.add_argument("--temperature", type=float, default=0.07, help="weighted k-NN temperature (default 0.07)")
-    parser.add_argument("--paper-k", type=_positive_int, default=5,
+    parser.add_argument("--paper-k", type=positive_int, default=5,
                         help="k of the paper's Euclidean majority vote (default 5)")
-    parser.add_argument("--batch-size", type=_positive_int, default=512, help="test rows per batch (default 512)")
+    parser.add_argument("--batch-size", type=positive_int, default=512, help="test rows per batch (default 512)")
     return parser
 
 
@@ -118,7 +97,7 @@ def run_knn_cli(args: argparse.Namespace) -> None:
                       paper_k=args.paper_k, batch_size=args.batch_size, device=args.device)
     print(format_table(results))
     if args.out:
-        write_json(args.out, results)
+        atomic_write_json(args.out, results)
 
 
 def add_linear_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -127,8 +106,8 @@ def add_linear_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--lrs", type=_float_list, default=None,
                         help="learning rates to sweep, comma-separated (default depends on --optimizer)")
     parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--epochs", type=_positive_int, default=100)
-    parser.add_argument("--batch-size", type=_positive_int, default=256)
+    parser.add_argument("--epochs", type=positive_int, default=100)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--batchnorm", action="store_true",
                         help="BatchNorm1d (no affine) in front of the linear layer, as MAE's probe")
     parser.add_argument("--val-fraction", type=float, default=0.1,
@@ -146,4 +125,18 @@ def run_linear_cli(args: argparse.Namespace) -> None:
         batchnorm=args.batchnorm, val_fraction=args.val_fraction, seed=args.seed)
     print(format_table(results))
     if args.out:
-        write_json(args.out, results)
+        atomic_write_json(args.out, results)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    features = commands.add_parser("features", help="extract frozen features of a labelled image set")
+    add_features_arguments(features)
+    features.set_defaults(run=run_features, command_name="features")
+    evaluate = commands.add_parser("eval", help="evaluate frozen features: k-NN or a linear probe")
+    eval_commands = evaluate.add_subparsers(dest="eval_command", required=True, metavar="SUBCOMMAND")
+    knn = eval_commands.add_parser("knn", help="weighted cosine k-NN and the paper's Euclidean 5-NN")
+    add_knn_arguments(knn)
+    knn.set_defaults(run=run_knn_cli, command_name="eval knn")
+    linear = eval_commands.add_parser("linear", help="linear probe with an lr sweep on held-out train data")
+    add_linear_arguments(linear)
+    linear.set_defaults(run=run_linear_cli, command_name="eval linear")

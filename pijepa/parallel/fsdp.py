@@ -43,10 +43,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
-from pijepa.config import Config
-from pijepa.dist.base import JEPAModels, Strategy, ema_update_, param_groups, set_lr_wd
-from pijepa.dist.parallelize import apply_ac, apply_compile, apply_fsdp, canonical_name
-from pijepa.dist.single import pick_device
+from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, set_lr_wd
+from pijepa.parallel.options import DistConfig, RunShape
+from pijepa.parallel.parallelize import apply_ac, apply_compile, apply_fsdp, canonical_name
+from pijepa.parallel.single import pick_device
+from pijepa.runtime.errors import LaunchError
 
 FORMAT = "pijepa-fsdp-v1"
 METADATA_FILE = ".metadata"  # written by DCP; its presence identifies the format
@@ -73,15 +74,14 @@ def build_mesh(device_type: str, world_size: int, sharding: str, hybrid_shard_si
 
 
 class FSDPStrategy(Strategy):
-    def __init__(self, cfg: Config | None = None) -> None:
+    def __init__(self, dist_cfg: DistConfig | None = None, shape: RunShape | None = None) -> None:
         super().__init__()
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            # ValueError: the CLI prints it as one line (exit code 2), no traceback.
-            raise ValueError("dist.strategy fsdp needs a distributed launch: start it with torchrun "
+            # A LaunchError: the CLI prints it as one line (exit code 2), no traceback.
+            raise LaunchError("dist.strategy fsdp needs a distributed launch: start it with torchrun "
                              "(e.g. torchrun --nproc_per_node 2 -m pijepa train ...), which sets RANK, "
                              "WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
-        cfg = cfg or Config()
-        self.cfg, self.bf16 = cfg.dist, cfg.meta.use_bfloat16
+        self.cfg, self.bf16 = dist_cfg or DistConfig(), (shape or RunShape()).bf16
         # The GPU is chosen before NCCL starts, so that its communicators bind to LOCAL_RANK's GPU.
         self.device = pick_device(self.local_rank)
         if not dist.is_initialized():

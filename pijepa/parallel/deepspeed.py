@@ -53,16 +53,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from pijepa.config import Config, ConfigError
-from pijepa.dist.base import JEPAModels, Strategy, ema_update_, param_groups, set_lr_wd
-from pijepa.dist.single import pick_device
-from pijepa.train.build import accumulation_steps
-from pijepa.train.metrics import console
+from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, set_lr_wd
+from pijepa.parallel.options import DistConfig, RunShape, accumulation_steps
+from pijepa.parallel.single import pick_device
+from pijepa.runtime.errors import ConfigError
+from pijepa.runtime.log import console
+from pijepa.runtime.resources import resolve_packaged
 
 FORMAT = "pijepa-deepspeed-v1"
-STATE_FILE = "ds_state.pt"  # its presence identifies the layout (see pijepa/tools/export.py)
+STATE_FILE = "ds_state.pt"  # its presence identifies the layout (see pijepa/parallel/formats.py)
 TAG = "ds"  # DeepSpeed's checkpoint tag: the engine's files go to <step folder>/ds/
-REPO = Path(__file__).resolve().parents[2]
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
@@ -74,15 +74,13 @@ def rng_file(rank: int) -> str:
 
 
 def resolve_ds_config_path(path: str) -> Path:
-    """dist.deepspeed_config as given (absolute, or relative to the working directory), else
-    relative to the repository (so the default `ds_configs/...` works from any directory)."""
-    given = Path(path).expanduser()
-    for candidate in (given, REPO / given):
-        if candidate.is_file():
-            return candidate
-    places = " and ".join(dict.fromkeys(str(p) for p in (Path.cwd(), REPO)))
-    where = str(given) if given.is_absolute() else f"{given} (looked in {places})"
-    raise ConfigError(f"dist.deepspeed_config: DeepSpeed config file not found: {where}")
+    """dist.deepspeed_config as given (absolute, or relative to the working directory), else the
+    packaged JSON of that name (so the default `ds_configs/...` works from any directory and from
+    an installed wheel)."""
+    try:
+        return resolve_packaged(Path(path).expanduser(), kind="deepspeed")
+    except ConfigError as e:
+        raise ConfigError(f"dist.deepspeed_config: DeepSpeed config file not found: {e}") from None
 
 
 def read_ds_json(path: Path) -> dict[str, Any]:
@@ -198,24 +196,23 @@ def _free_port() -> int:
 
 
 class DeepSpeedStrategy(Strategy):
-    def __init__(self, cfg: Config | None = None) -> None:
+    def __init__(self, dist_cfg: DistConfig | None = None, shape: RunShape | None = None) -> None:
         launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         if not launched:  # one process without a launcher: a world of one on loopback
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         super().__init__()
-        cfg = cfg or Config()
-        d, o = cfg.data, cfg.optimization
+        dist_cfg, shape = dist_cfg or DistConfig(), shape or RunShape()
         # Everything that can be wrong with the JSON is found here, before any process group,
         # engine or file exists: the CLI prints it as one line and exits with code 2.
-        self.accum = accumulation_steps(cfg, self.world_size)
-        path = resolve_ds_config_path(cfg.dist.deepspeed_config)
+        self.accum = accumulation_steps(shape.micro_batch, shape.global_batch, self.world_size)
+        path = resolve_ds_config_path(dist_cfg.deepspeed_config)
         self.ds_config, notes = build_ds_config(
-            read_ds_json(path), str(path), micro_batch=d.batch_size, accum=self.accum, world=self.world_size,
-            clip_grad=o.clip_grad, bf16=cfg.meta.use_bfloat16, zero_stage=cfg.dist.zero_stage)
+            read_ds_json(path), str(path), micro_batch=shape.micro_batch, accum=self.accum, world=self.world_size,
+            clip_grad=shape.clip_grad, bf16=shape.bf16, zero_stage=dist_cfg.zero_stage)
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
-        self.bf16 = cfg.meta.use_bfloat16
+        self.bf16 = shape.bf16
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # says so instead of guessing (and warning)
         try:

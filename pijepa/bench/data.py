@@ -27,23 +27,6 @@ import time
 from typing import Any
 
 
-def add_bench_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--shards", required=True,
-                        help="data.shards: a brace pattern, a list, a shards.json (or its folder) or pipe: commands")
-    parser.add_argument("--config", default=None, help="YAML config for crop, augmentation, masks, batch size "
-                        "(default: the built-in defaults)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value; repeatable (e.g. data.batch_size=64)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
-                        help="loader worker counts (default 1 2; 0 = the loader in this process)")
-    parser.add_argument("--batches", type=int, default=40, help="timed batches per measurement (default 40)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches per worker first (default 3)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed windows per measurement; the best counts (default 3: on a shared machine "
-                             "other processes only ever slow a window down)")
-    return parser
-
-
 def _config(args: argparse.Namespace):
     from pijepa.config import ConfigError, load_config, validate
 

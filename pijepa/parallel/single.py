@@ -1,19 +1,13 @@
-"""One process (CPU or one GPU), and plain DDP: replicated models, one `state.pt` per checkpoint."""
+"""One process (CPU or one GPU): plain models, one `state.pt` per checkpoint; DDP builds on it."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
-from pijepa.dist.base import JEPAModels, Strategy, ema_update_, param_groups, set_lr_wd
+from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, set_lr_wd
 
 STATE_FILE = "state.pt"
 
@@ -93,33 +87,6 @@ class SingleStrategy(Strategy):
                                  f"({len(problems)} problem(s), first: {problems[0] if problems else e})") from None
         self.optimizer.load_state_dict(state["optimizer"])
         return state["extra"]
-
-
-class DDPStrategy(SingleStrategy):
-    """Replicated encoder and predictor under DistributedDataParallel; the target is replicated and
-    updated identically on every rank, so it needs no communication."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise ValueError("dist.strategy ddp needs a distributed launch (torchrun sets RANK, "
-                               "WORLD_SIZE, MASTER_ADDR, MASTER_PORT); run it under torchrun")
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(minutes=30))
-
-    def wrap(self, models: JEPAModels) -> JEPAModels:
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        self._ddp = [DistributedDataParallel(m, device_ids=ids) for m in models.trainable()]
-        return JEPAModels(self._ddp[0], self._ddp[1], models.target_encoder)
-
-    @contextlib.contextmanager
-    def micro_step(self, is_last: bool) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            if not is_last:  # no gradient all-reduce on non-final micro-steps
-                for m in self._ddp:
-                    stack.enter_context(m.no_sync())
-            yield
 
 
 def read_full_state(folder: Path) -> dict[str, Any]:

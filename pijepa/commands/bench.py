@@ -1,0 +1,98 @@
+"""`pijepa bench step | loss | masks | data`: benchmarks that report ratios to a baseline measured
+in the same run (the measuring code is pijepa.bench)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pijepa.bench.data import run_bench_data
+from pijepa.bench.step import bench_loss, bench_masks, bench_step
+from pijepa.commands._args import add_config_arguments
+from pijepa.runtime.atomic import atomic_write_json
+
+
+def add_step_loss_masks(bench: argparse._SubParsersAction) -> None:
+    """Adds `step`, `loss` and `masks` to the `pijepa bench` subcommands."""
+    step = bench.add_parser("step", help="time the full training step for several variants")
+    step.add_argument("--model", default="vit_small")
+    step.add_argument("--patch", type=int, default=16)
+    step.add_argument("--img", type=int, default=224)
+    step.add_argument("--batch", type=int, default=8)
+    step.add_argument("--pred-depth", type=int, default=6)
+    step.add_argument("--pred-dim", type=int, default=384)
+    step.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    step.add_argument("--variants", default="baseline,sdpa,sdpa+fused",
+                      help="comma list of: baseline, sdpa, sdpa+fused, sdpa+fused+compile, xformers+fused")
+    step.add_argument("--repeats", type=int, default=3)
+    step.add_argument("--out", help="also write the results as JSON")
+    step.set_defaults(run=_run_step, command_name="bench step")
+    loss = bench.add_parser("loss", help="fused vs plain gather + loss, forward and backward")
+    loss.add_argument("--batch", type=int, default=128)
+    loss.add_argument("--repeats", type=int, default=3)
+    loss.add_argument("--out")
+    loss.set_defaults(run=_run_loss, command_name="bench loss")
+    masks = bench.add_parser("masks", help="vectorised mask collator vs the per-image reference")
+    masks.add_argument("--batch", type=int, default=128)
+    masks.add_argument("--img", type=int, default=224)
+    masks.add_argument("--patch", type=int, default=16)
+    masks.add_argument("--out")
+    masks.set_defaults(run=_run_masks, command_name="bench masks")
+
+
+def _emit(result: dict, out: str | None, table: str) -> None:
+    print(table)
+    if out:
+        atomic_write_json(out, result)
+
+
+def _run_step(args) -> None:
+    r = bench_step(args.model, args.patch, args.img, args.batch, args.pred_depth, args.pred_dim, args.dtype,
+                   variants=tuple(args.variants.split(",")), repeats=args.repeats)
+    lines = [f"bench step: {r['model']} batch {r['batch']} {r['dtype']} on {r['device']}; "
+             f"matmul peak {r['matmul_peak_tflops'] * 1e3:.1f} GFLOP/s; tokens {r['tokens']}",
+             f"{'variant':<22}{'step s':>9}{'img/s':>9}{'TFLOP':>8}{'MFU':>7}{'peak MB':>9}{'vs base':>9}"]
+    for x in r["results"]:
+        lines.append(f"{x['variant']:<22}{x['step_s']:>9.3f}{x['images_per_s']:>9.2f}{x['tflops_per_step']:>8.3f}"
+                     f"{x['mfu']:>7.1%}{x['peak_memory_mb']:>9.0f}{x['speedup']:>8.2f}x")
+    _emit(r, args.out, "\n".join(lines))
+
+
+def _run_loss(args) -> None:
+    r = bench_loss(batch=args.batch, repeats=args.repeats)
+    lines = [f"bench loss: L2_PKT fwd+bwd {r['shape']} on {r['device']}",
+             f"{'grouping':<10}{'plain s':>10}{'fused s':>10}{'speedup':>9}"]
+    for g, x in r["results"].items():
+        lines.append(f"{g:<10}{x['plain']:>10.3f}{x['fused']:>10.3f}{x['speedup']:>8.2f}x")
+    _emit(r, args.out, "\n".join(lines))
+
+
+def _run_masks(args) -> None:
+    r = bench_masks(batch=args.batch, img=args.img, patch=args.patch)
+    table = (f"bench masks: batch {r['batch']}, {r['grid']}x{r['grid']} grid: reference "
+             f"{r['results']['reference'] * 1e3:.1f} ms, vectorised {r['results']['vectorised'] * 1e3:.2f} ms, "
+             f"speedup {r['speedup']:.1f}x")
+    _emit(r, args.out, table)
+
+
+def add_bench_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--shards", required=True,
+                        help="data.shards: a brace pattern, a list, a shards.json (or its folder) or pipe: commands")
+    add_config_arguments(parser, required=False, what="crop, augmentation, masks, batch size (default: built-in)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="loader worker counts (default 1 2; 0 = the loader in this process)")
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per measurement (default 40)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches per worker first (default 3)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed windows per measurement; the best counts (default 3: on a shared machine "
+                             "other processes only ever slow a window down)")
+    return parser
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="benchmarks: step, loss, masks, data (ratios to a baseline)")
+    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
+    add_step_loss_masks(sub)
+    data = sub.add_parser("data", help="images/s of the webdataset loader against a single-process "
+                          "decode + augment floor, for 1 and 2 workers")
+    add_bench_data_arguments(data)
+    data.set_defaults(run=run_bench_data, command_name="bench data")

@@ -1,0 +1,35 @@
+"""`pijepa plan`: memory per GPU, micro-batch, accumulation, step time and communication per
+strategy (the model is pijepa.plan)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pijepa.commands._args import add_config_arguments
+from pijepa.config import load_config
+from pijepa.plan.planner import GPUS, format_plan, make_plan, plan_to_json
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "plan", help="memory per GPU, micro-batch, accumulation, step time and communication per strategy")
+    add_config_arguments(p)
+    p.add_argument("--gpus", type=int, default=16, help="number of GPUs (default 16)")
+    p.add_argument("--gpu", default="a100-80gb", choices=sorted(GPUS), help="GPU model (default a100-80gb)")
+    p.add_argument("--utilization", type=float, default=0.4,
+                   help="fraction of the datasheet bf16 dense peak reached, for the step time (default 0.4; "
+                        "docs/perf.md's single-H200 ViT-H/14 steps reach 0.28-0.30 eager, 0.36 compiled)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="effective batch (default: data.global_batch_size, else batch_size x GPUs)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(run=run_plan, command_name="plan")
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg, args.gpu, args.gpus, args.utilization, args.global_batch)
+    if args.json:
+        print(json.dumps(plan_to_json(plan, args.config), indent=2))
+    else:
+        print(format_plan(plan, args.config))

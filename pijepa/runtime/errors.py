@@ -1,0 +1,39 @@
+"""What a user can fix: the UserError family, printed by the CLI as one line with exit code 2.
+
+Every other exception is a bug (or an environment failure) and keeps its traceback. The family
+subclasses ValueError so that library callers that caught ValueError for bad input keep working;
+the CLI itself catches only UserError, never a bare ValueError.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Input that cannot be used as given; the message names the file, key or shard and what is
+    expected."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A config that cannot run: YAML, a key, a value, a combination of values or a --set."""
+
+
+class DataError(UserError):
+    """Data that cannot be read as given: a folder, a tar, a shard spec, an index file."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint (or encoder file) that exists but does not fit: another architecture, strategy
+    or format, or a path that holds no checkpoint."""
+
+
+class LaunchError(UserError):
+    """A launch that cannot work: a missing launcher environment, a missing optional package."""
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped because its loss, gradients or parameters are not finite (exit code 4:
+    retrying from the same checkpoint with the same settings will not help)."""
+
+    exit_code = 4
