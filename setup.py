@@ -8,7 +8,8 @@ setup(
     # wheel as the packages pijepa.configs and pijepa.ds_configs (read with importlib.resources).
     packages=[*find_packages(include=["pijepa", "pijepa.*"]), "pijepa.configs", "pijepa.ds_configs"],
     package_dir={"pijepa.configs": "configs", "pijepa.ds_configs": "ds_configs"},
-    package_data={"pijepa.configs": ["*.yaml"], "pijepa.ds_configs": ["*.json", "*.md"]},
+    package_data={"pijepa.configs": ["*.yaml"], "pijepa.ds_configs": ["*.json", "*.md"],
+                  "pijepa.commands.reproduce": ["templates/*.md"]},
     python_requires=">=3.10",
     # torch and torchvision are pinned: these releases install from the build machines' disk;
     # any other version downloads gigabytes.
@@ -25,7 +26,9 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
         "xformers": ["xformers"],
-        "dev": ["pytest", "ruff", "mypy", "types-PyYAML", "psutil"],  # psutil: the crash tests and the soak watch processes
+        # ruff and mypy pinned: the test suite runs them, and a new release may add checks.
+        # psutil: the crash tests and the soak watch processes.
+        "dev": ["pytest", "ruff==0.17.6", "mypy==2.4.1", "types-PyYAML", "psutil"],
     },
     entry_points={"console_scripts": ["pijepa=pijepa.cli:main"]},
 )

@@ -4,6 +4,11 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 tool() { if [ -x "$REPO/.venv/bin/$1" ]; then echo "$REPO/.venv/bin/$1"; else command -v "$1"; fi; }
 # DeepSpeed JIT-compiles a small op on first start; keep it across runs.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/pijepa-torch-extensions}"
+# The context and target lengths change every step, so the CUDA caching allocator would fragment;
+# expandable segments avoid that (no effect on CPU). Multi-node: with several network interfaces,
+# set NCCL_SOCKET_IFNAME (NCCL) and GLOO_SOCKET_IFNAME (gloo: the asynchronous checkpoint saves and
+# CPU runs) to the interface the nodes reach each other on, e.g. `export NCCL_SOCKET_IFNAME=ib0`.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 # Preemption: the trainers save and exit with code 75 on SIGTERM or SIGUSR1. torchrun forwards
 # both to its workers (and waits up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT s for the save instead of
 # 30 s); DeepSpeed's launcher would die of SIGUSR1, so the launchers ignore it (the trainers

@@ -3,6 +3,12 @@
 Section and key names follow the I-JEPA configs (`meta`, `data`, `mask`, `optimization`, `logging`)
 so that an existing I-JEPA YAML loads with at most its data paths changed. Keys that I-JEPA has but
 that mean nothing here (`copy_data`, `pin_mem`, ...) are accepted and documented as such.
+
+Each field is declared once, with what it accepts: a choice is a `Literal` type owned by the module
+that implements it (ModelName in pijepa.models.vit, ...), a number carries its bounds (`bounded`,
+`span` from pijepa.runtime.schema). Both are checked while each section is built from YAML; `validate`
+adds the checks that read several fields. A refusal is one line, `<source>: <key> = <value> ...`,
+whose source is the YAML file, or `--set` for a key given on the command line.
 """
 
 from __future__ import annotations
@@ -10,34 +16,34 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
-from pijepa.data import DATASETS, DatasetName
-from pijepa.data.wds import MODES as WDS_MODES
+from pijepa.data import DatasetName
 from pijepa.data.wds import WdsMode
-from pijepa.losses.pkt import GROUPINGS as PKT_GROUPINGS
 from pijepa.losses.pkt import PktGrouping
-from pijepa.losses.registry import LOSS_NAMES, LossName
-from pijepa.masks.multiblock import PLACEMENTS as MASK_PLACEMENTS
+from pijepa.losses.registry import LossName
 from pijepa.masks.multiblock import MaskPlacement
-from pijepa.models.attention import ATTN_BACKENDS, AttnBackend
-from pijepa.models.vit import MODEL_NAMES, ModelName
-from pijepa.parallel.options import AC_MODES, FSDP_SHARDINGS, STRATEGIES, DistConfig
+from pijepa.models.attention import AttnBackend
+from pijepa.models.vit import ModelName
+from pijepa.parallel.options import DistConfig
 from pijepa.runtime.atomic import atomic_write_text
 from pijepa.runtime.errors import ConfigError
 from pijepa.runtime.resources import resolve_packaged
+from pijepa.runtime.schema import bounded, check_fields, choices_text, not_allowed, span
 
 
 @dataclass
 class MetaConfig:
-    model_name: ModelName = "vit_tiny"
-    encoder_depth: int = 0  # blocks of the encoder; 0 keeps model_name's standard depth
-    pred_depth: int = 6
-    pred_emb_dim: int = 384
+    model_name: ModelName = "vit_tiny"  # encoder size: its width, heads and standard depth
+    # blocks of the encoder; 0 keeps model_name's standard depth
+    encoder_depth: int = bounded(0, min=0, expected="0 ({model_name}'s standard depth) or a number of blocks")
+    pred_depth: int = bounded(6, min=1)  # predictor blocks
+    pred_emb_dim: int = bounded(384, min=1)  # predictor width
     use_bfloat16: bool = False  # bf16 autocast where the device supports it; CPU default is fp32
     attn_backend: AttnBackend = "sdpa"
     seed: int = 0
@@ -55,66 +61,73 @@ class DataConfig:
     # commas (outside braces) or "::"; a YAML list is joined with commas
     shards: str = ""
     wds_mode: WdsMode = "resampled"  # resampled (shards drawn with replacement) | finite (each sample once an epoch)
-    shuffle_buffer: int = 1000  # samples per reader in webdataset's shuffle buffer; 0 or 1 disables it
-    epoch_samples: int = 0  # samples per epoch; 0 takes the total of shards.json (needed without one)
-    batch_size: int = 32  # per rank and micro-step
-    global_batch_size: int = 0  # effective batch; 0 means batch_size x world size (no accumulation)
-    crop_size: int = 224
-    crop_scale: tuple[float, float] = (0.3, 1.0)
+    # samples per reader in webdataset's shuffle buffer; 0 or 1 disables it
+    shuffle_buffer: int = bounded(1000, min=0, expected="0 (no shuffle buffer) or more samples")
+    # samples per epoch; 0 takes the total of shards.json (needed without one)
+    epoch_samples: int = bounded(
+        0, min=0, expected="0 (the total of shards.json) or a positive number of samples")
+    batch_size: int = bounded(32, min=1)  # per rank and micro-step
+    # effective batch; 0 means batch_size x world size (no accumulation); a multiple of batch_size
+    global_batch_size: int = bounded(0, min=0, expected="0 (= batch_size x ranks) or a positive multiple")
+    crop_size: int = bounded(224, min=1)  # pixels; a multiple of mask.patch_size
+    crop_scale: tuple[float, float] = span((0.3, 1.0), lo_above=0)  # RandomResizedCrop area range
     use_horizontal_flip: bool = False
     use_color_distortion: bool = False
     color_jitter_strength: float = 0.0
     use_gaussian_blur: bool = False
-    num_workers: int = 2
+    num_workers: int = bounded(2, min=0)  # DataLoader workers per rank; 0 loads in the main process
     pin_mem: bool = True
-    synthetic_images: int = 8192  # size of one epoch of the built-in synthetic dataset
-    synthetic_classes: int = 10
+    synthetic_images: int = bounded(8192, min=1)  # size of one epoch of the built-in synthetic dataset
+    synthetic_classes: int = bounded(10, min=2)
 
 
 @dataclass
 class MaskConfig:
-    patch_size: int = 16
-    allow_overlap: bool = False
-    aspect_ratio: tuple[float, float] = (0.75, 1.5)
-    enc_mask_scale: tuple[float, float] = (0.85, 1.0)
-    pred_mask_scale: tuple[float, float] = (0.15, 0.2)
-    min_keep: int = 10
-    num_enc_masks: int = 1
-    num_pred_masks: int = 4
+    patch_size: int = bounded(16, min=1)  # pixels per side of a patch (token)
+    allow_overlap: bool = False  # context block may overlap the target blocks
+    aspect_ratio: tuple[float, float] = span((0.75, 1.5), low=1e-3, high=1e3)  # of the target blocks
+    enc_mask_scale: tuple[float, float] = span((0.85, 1.0))  # context block, fraction of the image
+    pred_mask_scale: tuple[float, float] = span((0.15, 0.2))  # each target block, fraction of the image
+    min_keep: int = 10  # fewest patches the context mask keeps; 1..patches of the grid
+    num_enc_masks: int = bounded(
+        1, min=1, max=1, expected="1 (every published I-JEPA recipe uses one context block)")
+    num_pred_masks: int = bounded(4, min=1)  # target blocks per image
     placement: MaskPlacement = "full"  # full | original (I-JEPA's, never reaches the last row/column)
 
 
 @dataclass
 class OptimizationConfig:
-    ema: tuple[float, float] = (0.996, 1.0)
-    epochs: int = 300
-    final_lr: float = 1.0e-6
-    final_weight_decay: float = 0.4
-    ipe_scale: float = 1.0
-    lr: float = 1.0e-3
-    start_lr: float = 2.0e-4
-    warmup: float = 40  # epochs of linear warm-up
-    weight_decay: float = 0.04
+    ema: tuple[float, float] = span((0.996, 1.0))  # target-encoder momentum, start and end
+    epochs: int = bounded(300, min=1)
+    final_lr: float = bounded(1.0e-6, min=0)
+    final_weight_decay: float = bounded(0.4, min=0)
+    ipe_scale: float = bounded(1.0, above=0)  # stretches the schedules: ipe_scale x epochs x steps/epoch
+    lr: float = bounded(1.0e-3, min=0)  # peak, reached at the end of warm-up
+    start_lr: float = bounded(2.0e-4, min=0)
+    warmup: float = bounded(40, min=0)  # epochs of linear warm-up; at most epochs
+    weight_decay: float = bounded(0.04, min=0)
     loss_function: LossName = "L2_PKT"
-    l2_weight: float = 1.0
-    pkt_weight: float = 1.0
-    pkt_grouping: PktGrouping = "chunk"
-    pkt_chunk_size: int = 256
+    l2_weight: float = bounded(1.0, min=0)
+    pkt_weight: float = bounded(1.0, min=0)
+    pkt_grouping: PktGrouping = "chunk"  # chunk is required by loss_function L2_PKT_chunks
+    pkt_chunk_size: int = bounded(256, min=2, expected="2 or more rows")
     fused_loss: bool = True
-    clip_grad: float = 0.0  # max gradient norm; 0 disables clipping
-    max_steps: int = 0  # stop early after this many optimizer steps; 0 runs all epochs
-    max_nonfinite_steps: int = 10  # stop after this many steps in a row with non-finite loss/grads
+    clip_grad: float = bounded(0.0, min=0)  # max gradient norm; 0 disables clipping
+    max_steps: int = bounded(0, min=0)  # stop early after this many optimizer steps; 0 runs all epochs
+    # stop after this many steps in a row with non-finite loss/grads
+    max_nonfinite_steps: int = bounded(10, min=1)
 
 
 @dataclass
 class LoggingConfig:
     folder: str = "runs/default"
     write_tag: str = "jepa"
-    log_freq: int = 10  # optimizer steps between console/TensorBoard/CSV lines
-    checkpoint_freq: int = 500  # optimizer steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 2  # newest K step checkpoints kept
+    log_freq: int = bounded(10, min=1)  # optimizer steps between console/TensorBoard/CSV lines
+    checkpoint_freq: int = bounded(500, min=1)  # optimizer steps between checkpoints (and one at the end)
+    keep_checkpoints: int = bounded(2, min=1)  # newest K step checkpoints kept
     tensorboard: bool = True
-    mask_viz_freq: int = 500  # optimizer steps between mask-grid images in TensorBoard; 0 disables
+    # optimizer steps between mask-grid images in TensorBoard; 0 disables
+    mask_viz_freq: int = bounded(500, min=0, expected="0 (off) or a number of optimizer steps")
 
 
 @dataclass
@@ -124,7 +137,7 @@ class Config:
     mask: MaskConfig = field(default_factory=MaskConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
+    dist: DistConfig = field(default_factory=DistConfig)  # owned by pijepa.parallel.options
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -139,22 +152,42 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class _Origin:
+    """Where the values came from: the YAML file (or <defaults>) and the keys given by --set."""
+
+    file: str
+    sets: dict[str, str] = field(default_factory=dict)  # "data.batch_size" -> "data.batch_size=abc"
+
+    def of(self, key: str) -> str:
+        """The source of one key's value (or of a section's key, for an unknown key or section)."""
+        from_set = key in self.sets or any(k.startswith(key + ".") for k in self.sets)
+        return "--set" if from_set else self.file
+
+    def of_all(self, keys: tuple[str, ...]) -> str:
+        """The source of a combination of keys: the file, and the --set items among them."""
+        items = [self.sets[k] for k in keys if k in self.sets]
+        return f"{self.file} with --set {', '.join(items)}" if items else self.file
+
+
 # ---------------------------------------------------------------- loading and overrides
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Reads YAML (or defaults when `path` is None), applies `a.b=c` overrides, validates."""
-    source = str(path) if path is not None else "<defaults>"
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Reads YAML (or defaults when `path` is None), applies `a.b=c` overrides, checks each field
+    and then the combinations; a refusal names the file, or `--set` for a key given there."""
+    source = "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
         path = resolve_packaged(path, kind="config")  # a file, or a packaged name: cpu_default
         source = str(path)
         raw = _read_yaml(path)
+    origin = _Origin(source)
     for item in overrides:
-        _apply_override(raw, item)
-    _join_shard_list(raw, source)
-    cfg = _build(Config, raw, source, prefix="")
-    validate(cfg, source)
+        origin.sets[_apply_override(raw, item)] = item.strip()
+    _join_shard_list(raw, origin)
+    cfg = _build(Config, raw, origin, prefix="")
+    _check_combinations(cfg, origin)
     return cfg
 
 
@@ -177,49 +210,59 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str) -> str:
+    """Puts one `section.key=value` into `raw` (the value read as YAML); returns section.key."""
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
         raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. data.batch_size=64")
     section, name = parts
     value = yaml.safe_load(text) if text.strip() else None
-    node = raw.setdefault(section, {})
+    if raw.get(section) is None:  # absent, or an empty section in the YAML
+        raw[section] = {}
+    node = raw[section]
     if not isinstance(node, dict):
         raise ConfigError(f"--set {item!r}: section {section!r} is not a mapping in the config")
     node[name] = value
+    return f"{section}.{name}"
 
 
-def _join_shard_list(raw: dict[str, Any], source: str) -> None:
+def _join_shard_list(raw: dict[str, Any], origin: _Origin) -> None:
     """data.shards may be a YAML list of specs; it is kept as one comma-separated string."""
     data = raw.get("data")
-    shards = data.get("shards") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return
+    shards = data.get("shards")
     if isinstance(shards, list):
         if not all(isinstance(s, str) and s.strip() for s in shards):
-            raise ConfigError(f"{source}: data.shards = {shards!r}: expected shard specs (strings)")
+            raise ConfigError(f"{origin.of('data.shards')}: data.shards = {shards!r}: expected shard specs (strings)")
         data["shards"] = ",".join(s.strip() for s in shards)
 
 
-def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+def _build(cls: type, raw: Any, origin: _Origin, prefix: str) -> Any:
+    """One section (or the whole Config) from its mapping: keys known, values coerced to their
+    types, then every field checked against its choices and bounds (defaults included)."""
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{origin.file}: {where} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown key '{prefix}{unknown[0]}'; allowed keys in {where}: "
-            + ", ".join(sorted(names))
-        )
+        key = prefix + unknown[0]
+        raise ConfigError(f"{origin.of(key)}: unknown key '{key}'; allowed keys in {where}: "
+                          + ", ".join(sorted(names)))
     kwargs = {}
-    for name, value in raw.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value if value is not None else {}, source, f"{name}.")
-        else:
-            kwargs[name] = _coerce(value, hint, source, f"{prefix}{name}")
-    return cls(**kwargs)
+    for name in names:
+        hint, key = hints[name], prefix + name
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a section: built (and checked) even when absent
+            value = raw.get(name)
+            kwargs[name] = _build(hint, {} if value is None else value, origin, f"{key}.")
+        elif name in raw:
+            kwargs[name] = _coerce(raw[name], hint, origin.of(key), key)
+    section = cls(**kwargs)
+    check_fields(section, origin.of, prefix)
+    return section
 
 
 def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
@@ -232,7 +275,7 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
     if origin is typing.Literal:
         if value in args:
             return value
-        raise ConfigError(f"{source}: {key} = {value!r} is not allowed; expected one of " + ", ".join(args))
+        raise not_allowed(source, key, value, choices_text(args))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{source}: {key} = {value!r}: expected a list of {len(args)} numbers")
@@ -265,102 +308,71 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
 
 
 def validate(cfg: Config, source: str = "<config>") -> None:
-    """Refuses values that cannot run, naming the key and what is allowed."""
+    """Refuses a Config that cannot run, naming the key and what is allowed: each field against its
+    choices and bounds, then the combinations of fields. load_config does both while loading; call
+    this after changing a Config in code."""
+    origin = _Origin(source)
+    for f in dataclasses.fields(cfg):
+        check_fields(getattr(cfg, f.name), origin.of, prefix=f"{f.name}.")
+    _check_combinations(cfg, origin)
 
-    def fail(key: str, value: Any, allowed: str) -> None:
-        raise ConfigError(f"{source}: {key} = {value!r} is not allowed; expected {allowed}")
 
-    def choice(key: str, value: str, options: tuple[str, ...]) -> None:
-        if value not in options:
-            fail(key, value, "one of " + ", ".join(options))
+class _Problem(NamedTuple):
+    """A refused combination: `key = value` is not allowed, `expected` says what is; `reads` are
+    the other keys the rule depends on (a --set among them is named in the message)."""
 
-    def positive(key: str, value: float) -> None:
-        if value <= 0:
-            fail(key, value, "a positive number")
+    key: str
+    value: Any
+    expected: str
+    reads: tuple[str, ...] = ()
 
-    def unit_range(key: str, lo_hi: tuple[float, float], low: float = 0.0, high: float = 1.0) -> None:
-        lo, hi = lo_hi
-        if not (low <= lo <= hi <= high):
-            fail(key, list(lo_hi), f"[lo, hi] with {low} <= lo <= hi <= {high}")
 
-    m, d, k, o, lg = cfg.meta, cfg.data, cfg.mask, cfg.optimization, cfg.logging
-    choice("meta.model_name", m.model_name, MODEL_NAMES)
-    choice("meta.attn_backend", m.attn_backend, ATTN_BACKENDS)
-    positive("meta.pred_depth", m.pred_depth)
-    if m.encoder_depth < 0:
-        fail("meta.encoder_depth", m.encoder_depth, f"0 ({m.model_name}'s standard depth) or a number of blocks")
-    positive("meta.pred_emb_dim", m.pred_emb_dim)
+def _check_combinations(cfg: Config, origin: _Origin) -> None:
+    """The checks that read several fields (each field is already within its own bounds)."""
+    for rule in (_run_problems, _data_problems, _grid_problems):
+        for problem in rule(cfg):
+            keys = (problem.key, *problem.reads)
+            raise not_allowed(origin.of_all(keys), problem.key, problem.value, problem.expected)
+
+
+def _run_problems(cfg: Config) -> Iterator[_Problem]:
+    m, o = cfg.meta, cfg.optimization
     if m.load_checkpoint and not m.read_checkpoint:
-        fail("meta.read_checkpoint", m.read_checkpoint, "a checkpoint path when meta.load_checkpoint is true")
-    choice("data.dataset", d.dataset, DATASETS)
-    positive("data.batch_size", d.batch_size)
-    positive("data.crop_size", d.crop_size)
-    unit_range("data.crop_scale", d.crop_scale)
-    if d.crop_scale[0] <= 0:
-        fail("data.crop_scale", list(d.crop_scale), "a lower bound above 0")
-    if d.global_batch_size < 0:
-        fail("data.global_batch_size", d.global_batch_size, "0 (= batch_size x ranks) or a positive multiple")
+        yield _Problem("meta.read_checkpoint", m.read_checkpoint,
+                       "a checkpoint path when meta.load_checkpoint is true", ("meta.load_checkpoint",))
+    if o.warmup > o.epochs:
+        yield _Problem("optimization.warmup", o.warmup, f"at most optimization.epochs ({o.epochs})",
+                       ("optimization.epochs",))
+    if o.loss_function == "L2_PKT_chunks" and o.pkt_grouping != "chunk":
+        yield _Problem("optimization.pkt_grouping", o.pkt_grouping, "chunk with loss_function L2_PKT_chunks",
+                       ("optimization.loss_function",))
+
+
+def _data_problems(cfg: Config) -> Iterator[_Problem]:
+    d = cfg.data
     if d.global_batch_size and d.global_batch_size % d.batch_size:
-        fail("data.global_batch_size", d.global_batch_size, f"a multiple of data.batch_size ({d.batch_size})")
-    if d.num_workers < 0:
-        fail("data.num_workers", d.num_workers, "0 or more")
+        yield _Problem("data.global_batch_size", d.global_batch_size,
+                       f"a multiple of data.batch_size ({d.batch_size})", ("data.batch_size",))
     if d.dataset == "folder" and not (d.root_path or d.image_folder):
-        fail("data.image_folder", d.image_folder, "a path (root_path/image_folder) for data.dataset: folder")
+        yield _Problem("data.image_folder", d.image_folder,
+                       "a path (root_path/image_folder) for data.dataset: folder",
+                       ("data.dataset", "data.root_path"))
     if d.dataset == "webdataset" and not d.shards:
-        fail("data.shards", d.shards, "a shard pattern or index file for data.dataset: webdataset")
-    choice("data.wds_mode", d.wds_mode, WDS_MODES)
-    if d.shuffle_buffer < 0:
-        fail("data.shuffle_buffer", d.shuffle_buffer, "0 (no shuffle buffer) or more samples")
-    if d.epoch_samples < 0:
-        fail("data.epoch_samples", d.epoch_samples, "0 (the total of shards.json) or a positive number of samples")
-    positive("data.synthetic_images", d.synthetic_images)
-    if d.synthetic_classes < 2:
-        fail("data.synthetic_classes", d.synthetic_classes, "2 or more")
-    positive("mask.patch_size", k.patch_size)
+        yield _Problem("data.shards", d.shards, "a shard pattern or index file for data.dataset: webdataset",
+                       ("data.dataset",))
+
+
+def _grid_problems(cfg: Config) -> Iterator[_Problem]:
+    d, k = cfg.data, cfg.mask
     if d.crop_size % k.patch_size:
-        fail("data.crop_size", d.crop_size, f"a multiple of mask.patch_size ({k.patch_size})")
+        yield _Problem("data.crop_size", d.crop_size, f"a multiple of mask.patch_size ({k.patch_size})",
+                       ("mask.patch_size",))
     grid = d.crop_size // k.patch_size
     if not 1 <= k.min_keep <= grid * grid:
-        fail("mask.min_keep", k.min_keep, f"1..{grid * grid}, the patches of the {grid}x{grid} grid "
-             f"(data.crop_size {d.crop_size} / mask.patch_size {k.patch_size})")
-    unit_range("mask.enc_mask_scale", k.enc_mask_scale)
-    unit_range("mask.pred_mask_scale", k.pred_mask_scale)
-    unit_range("mask.aspect_ratio", k.aspect_ratio, low=1e-3, high=1e3)
-    if k.num_enc_masks != 1:
-        fail("mask.num_enc_masks", k.num_enc_masks, "1 (every published I-JEPA recipe uses one context block)")
-    positive("mask.num_pred_masks", k.num_pred_masks)
-    choice("mask.placement", k.placement, MASK_PLACEMENTS)
-    unit_range("optimization.ema", o.ema)
-    positive("optimization.epochs", o.epochs)
-    positive("optimization.ipe_scale", o.ipe_scale)
-    for key in ("lr", "start_lr", "final_lr", "weight_decay", "final_weight_decay", "warmup",
-                "l2_weight", "pkt_weight", "clip_grad", "max_steps"):
-        if getattr(o, key) < 0:
-            fail(f"optimization.{key}", getattr(o, key), "0 or more")
-    if o.warmup > o.epochs:
-        fail("optimization.warmup", o.warmup, f"at most optimization.epochs ({o.epochs})")
-    positive("optimization.max_nonfinite_steps", o.max_nonfinite_steps)
-    choice("optimization.loss_function", o.loss_function, LOSS_NAMES)
-    choice("optimization.pkt_grouping", o.pkt_grouping, PKT_GROUPINGS)
-    if o.loss_function == "L2_PKT_chunks" and o.pkt_grouping != "chunk":
-        fail("optimization.pkt_grouping", o.pkt_grouping, "chunk with loss_function L2_PKT_chunks")
-    if o.pkt_chunk_size < 2:
-        fail("optimization.pkt_chunk_size", o.pkt_chunk_size, "2 or more rows")
-    positive("logging.log_freq", lg.log_freq)
-    positive("logging.checkpoint_freq", lg.checkpoint_freq)
-    positive("logging.keep_checkpoints", lg.keep_checkpoints)
-    if lg.mask_viz_freq < 0:
-        fail("logging.mask_viz_freq", lg.mask_viz_freq, "0 (off) or a number of optimizer steps")
-    t = cfg.dist
-    choice("dist.strategy", t.strategy, STRATEGIES)
-    choice("dist.fsdp_sharding", t.fsdp_sharding, FSDP_SHARDINGS)
-    choice("dist.activation_checkpointing", t.activation_checkpointing, AC_MODES)
-    positive("dist.ac_every", t.ac_every)
-    if t.hybrid_shard_size < 0:
-        fail("dist.hybrid_shard_size", t.hybrid_shard_size,
-             "0 (ranks per node) or a positive divisor of the world size")
-    if t.zero_stage not in (-1, 0, 1, 2, 3):
-        fail("dist.zero_stage", t.zero_stage, "-1 (use the JSON's stage), 0, 1, 2 or 3")
+        yield _Problem("mask.min_keep", k.min_keep,
+                       f"1..{grid * grid}, the patches of the {grid}x{grid} grid "
+                       f"(data.crop_size {d.crop_size} / mask.patch_size {k.patch_size})",
+                       ("data.crop_size", "mask.patch_size"))
 
 
 def dump_config(cfg: Config, path: Path) -> None:

@@ -28,7 +28,8 @@ from typing import Any
 
 
 def _config(args: argparse.Namespace):
-    from pijepa.config import ConfigError, load_config, validate
+    from pijepa.config import load_config, validate
+    from pijepa.runtime.errors import ConfigError
 
     cfg = load_config(args.config, args.overrides)
     cfg.data.dataset, cfg.data.shards = "webdataset", args.shards  # not through YAML: braces stay text
@@ -43,6 +44,7 @@ def _raw_samples(urls: list[str], count: int) -> list[tuple[bytes, int]]:
     import webdataset as wds
 
     from pijepa.data.wds import IMAGE_KEYS
+    from pijepa.runtime.errors import DataError
 
     found: list[tuple[bytes, int]] = []
     for sample in wds.tarfile_to_samples(handler=wds.ignore_and_continue)(iter([{"url": u} for u in urls])):
@@ -52,7 +54,7 @@ def _raw_samples(urls: list[str], count: int) -> list[tuple[bytes, int]]:
         if len(found) == count:
             break
     if not found:
-        raise ValueError(f"no image samples found in {urls[0]} ...")
+        raise DataError(f"no image samples found in {urls[0]} ...")
     return list(itertools.islice(itertools.cycle(found), count))
 
 
@@ -60,7 +62,8 @@ def measure_floor(cfg, transform, collator, samples: list[tuple[bytes, int]], ba
     """(images/s, CPU seconds per image) of decode + augment + collate in this process, one thread."""
     import torch
 
-    from pijepa.data.wds import crop_seed, decode_rgb
+    from pijepa.data.transforms import crop_seed
+    from pijepa.data.wds import decode_rgb
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -119,12 +122,13 @@ def _time_loader(loader, batches: int, warmup: int) -> tuple[float, float, float
 def run_bench_data(args: argparse.Namespace) -> dict[str, Any]:
     """Prints and returns the floor and the loader's images/s and CPU times (see the module doc)."""
     from pijepa.data.transforms import build_train_transform
-    from pijepa.data.wds import build_wds_loader
+    from pijepa.data.wds import ShardSet, build_wds_loader
     from pijepa.train.build import build_collator, build_dataset
 
     cfg = _config(args)
     d = cfg.data
     shards = build_dataset(cfg)  # resolves and checks the shard list (finite mode: 1 rank, 1 worker)
+    assert isinstance(shards, ShardSet), "_config sets data.dataset to webdataset"
     transform = build_train_transform(d.crop_size, d.crop_scale, d.use_horizontal_flip, d.use_color_distortion,
                                       d.color_jitter_strength, d.use_gaussian_blur)
     collator = build_collator(cfg)
@@ -142,8 +146,8 @@ def run_bench_data(args: argparse.Namespace) -> dict[str, Any]:
         ips, cpu = measure_floor(cfg, transform, collator, samples, d.batch_size)
         floor, floor_cpu = max(floor, ips), min(floor_cpu, cpu)
         for w, loader in loaders.items():
-            best[w] = tuple(f(a, b) for f, a, b in zip((max, min, min), best[w],
-                                                         measure_loader(loader, args.batches, args.warmup)))
+            rate, worker_cpu, main_cpu = measure_loader(loader, args.batches, args.warmup)
+            best[w] = (max(best[w][0], rate), min(best[w][1], worker_cpu), min(best[w][2], main_cpu))
     print(f"  floor (1 process, 1 thread: decode + augment + masks from memory): {floor:8.1f} img/s, "
           f"{floor_cpu * 1e3:.3f} ms CPU/img")
     for w, (ips, worker_cpu, main_cpu) in best.items():

@@ -13,9 +13,9 @@ import copy
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,8 +23,12 @@ from pijepa.losses import build_loss
 from pijepa.masks import MultiBlockMaskCollator
 from pijepa.masks.reference import ReferenceMaskCollator
 from pijepa.models import build_encoder, build_predictor
-from pijepa.runtime.memory import peak_memory_mb, reset_peak_memory
+from pijepa.models.attention import xformers_available
 from pijepa.parallel.base import JEPAModels, ema_update_, param_groups
+from pijepa.runtime.errors import ConfigError, LaunchError
+from pijepa.runtime.memory import peak_memory_mb, reset_peak_memory
+
+VARIANTS = ("baseline", "sdpa", "sdpa+fused", "sdpa+fused+compile", "xformers+fused")
 
 # ---------------------------------------------------------------- measurement helpers
 
@@ -62,15 +66,15 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None
 # ---------------------------------------------------------------- analytic FLOPs
 
 
-def transformer_flops(tokens: int, seqs: int, width: int, depth: int, mlp_hidden: int) -> float:
+def transformer_flops(tokens: float, seqs: float, width: int, depth: int, mlp_hidden: int) -> float:
     """Forward matmul FLOPs of `depth` pre-norm blocks over `seqs` sequences of `tokens` tokens."""
     linear = 2 * tokens * (3 * width * width + width * width + 2 * width * mlp_hidden)
     attention = 2 * 2 * tokens * tokens * width  # q k^T and attn v
     return seqs * depth * (linear + attention)
 
 
-def step_flops(encoder, predictor, batch: int, n_ctx: int, n_tgt: int, num_targets: int,
-               pkt_rows_per_group: int) -> float:
+def step_flops(encoder, predictor, batch: int, n_ctx: float, n_tgt: float, num_targets: int,
+               pkt_rows_per_group: float) -> float:
     """FLOPs of one training step: target forward, context and predictor forward + backward (x3)."""
     d, depth = encoder.embed_dim, len(encoder.blocks)
     hidden = encoder.blocks[0].mlp.fc1.out_features
@@ -133,12 +137,25 @@ def make_step(models: JEPAModels, loss_fn, images, masks_enc, masks_pred, dtype:
     return step, last
 
 
+def check_variants(variants: tuple[str, ...], dev: torch.device) -> None:
+    """Known variant names only; an xformers variant only where xformers runs (else the model
+    would fall back to sdpa and the table would time sdpa under the xformers name)."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ConfigError(f"unknown variant(s) {unknown}; expected a comma list of {', '.join(VARIANTS)}")
+    wanted = [v for v in variants if "xformers" in v]
+    if wanted and not (dev.type == "cuda" and xformers_available()):
+        where = "xformers is not importable" if dev.type == "cuda" else f"it needs a CUDA device, not {dev}"
+        raise LaunchError(f"variant {wanted[0]} cannot run here: {where}; leave it out of --variants")
+
+
 def bench_step(model: str = "vit_small", patch: int = 16, img: int = 224, batch: int = 8,
                pred_depth: int = 6, pred_dim: int = 384, dtype: str = "float32", device: str | None = None,
                variants: tuple[str, ...] = ("baseline", "sdpa", "sdpa+fused"),
                warmup: int = 2, repeats: int = 3, chunk_size: int = 256) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = getattr(torch, dtype)
+    check_variants(variants, dev)
     collator = MultiBlockMaskCollator(input_size=img, patch_size=patch, seed=0)
     masks_enc, masks_pred = collator.sample_masks(batch, step=0)
     masks_enc, masks_pred = masks_enc.to(dev), masks_pred.to(dev)
@@ -188,7 +205,7 @@ def bench_loss(batch: int = 128, targets: int = 4, tokens: int = 44, grid: int =
     masks = torch.stack([torch.stack([torch.randperm(n, generator=g)[:tokens].sort().values
                                       for _ in range(batch)]) for _ in range(targets)]).to(dev)
     pred = torch.randn(targets * batch, tokens, dim, generator=g).to(dev).requires_grad_(True)
-    out = {"device": _device_name(dev), "shape": {"batch": batch, "targets": targets, "tokens": tokens,
+    out: dict[str, Any] = {"device": _device_name(dev), "shape": {"batch": batch, "targets": targets, "tokens": tokens,
                                                   "dim": dim, "chunk_size": chunk_size}, "results": {}}
     for grouping in ("chunk", "block", "image"):
         row = {}
@@ -208,13 +225,18 @@ def bench_loss(batch: int = 128, targets: int = 4, tokens: int = 44, grid: int =
 
 def bench_masks(batch: int = 128, img: int = 224, patch: int = 16, batches: int = 20) -> dict:
     """The vectorised collator against the straightforward per-image, per-block reference."""
-    out = {"batch": batch, "grid": img // patch, "results": {}}
-    for name, cls in (("reference", ReferenceMaskCollator), ("vectorised", MultiBlockMaskCollator)):
-        collator = cls(input_size=img, patch_size=patch, seed=0)
-        steps = iter(range(10**9))
-        times = time_calls(lambda c=collator, s=steps: c.sample_masks(batch, next(s)), torch.device("cpu"), 2,
-                           batches)
-        out["results"][name] = statistics.median(times)
+    out: dict[str, Any] = {"batch": batch, "grid": img // patch, "results": {}}
+    collators: dict[str, MultiBlockMaskCollator] = {
+        "reference": ReferenceMaskCollator(input_size=img, patch_size=patch, seed=0),
+        "vectorised": MultiBlockMaskCollator(input_size=img, patch_size=patch, seed=0),
+    }
+    for name, collator in collators.items():
+        steps = iter(range(10**9))  # a new step per call, as in training: each draws other masks
+
+        def draw(c: MultiBlockMaskCollator = collator, s: Iterator[int] = steps) -> object:
+            return c.sample_masks(batch, next(s))
+
+        out["results"][name] = statistics.median(time_calls(draw, torch.device("cpu"), 2, batches))
     out["speedup"] = out["results"]["reference"] / out["results"]["vectorised"]
     return out
 

@@ -25,6 +25,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def device_name(text: str) -> str:
+    """A device torch can use here: cpu, cuda, cuda:1, ... (returned as given)."""
+    import torch  # imported here: parsing other arguments does not need it
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available here")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s)")
+    return text
+
+
 def check(condition: bool, message: str) -> None:
     """A command-line value that cannot work: one line, exit code 2."""
     if not condition:

@@ -7,7 +7,7 @@ import argparse
 
 from pijepa.bench.data import run_bench_data
 from pijepa.bench.step import bench_loss, bench_masks, bench_step
-from pijepa.commands._args import add_config_arguments
+from pijepa.commands._args import add_config_arguments, positive_int
 from pijepa.runtime.atomic import atomic_write_json
 
 
@@ -15,26 +15,26 @@ def add_step_loss_masks(bench: argparse._SubParsersAction) -> None:
     """Adds `step`, `loss` and `masks` to the `pijepa bench` subcommands."""
     step = bench.add_parser("step", help="time the full training step for several variants")
     step.add_argument("--model", default="vit_small")
-    step.add_argument("--patch", type=int, default=16)
-    step.add_argument("--img", type=int, default=224)
-    step.add_argument("--batch", type=int, default=8)
-    step.add_argument("--pred-depth", type=int, default=6)
-    step.add_argument("--pred-dim", type=int, default=384)
+    step.add_argument("--patch", type=positive_int, default=16)
+    step.add_argument("--img", type=positive_int, default=224)
+    step.add_argument("--batch", type=positive_int, default=8)
+    step.add_argument("--pred-depth", type=positive_int, default=6)
+    step.add_argument("--pred-dim", type=positive_int, default=384)
     step.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     step.add_argument("--variants", default="baseline,sdpa,sdpa+fused",
                       help="comma list of: baseline, sdpa, sdpa+fused, sdpa+fused+compile, xformers+fused")
-    step.add_argument("--repeats", type=int, default=3)
+    step.add_argument("--repeats", type=positive_int, default=3)
     step.add_argument("--out", help="also write the results as JSON")
     step.set_defaults(run=_run_step, command_name="bench step")
     loss = bench.add_parser("loss", help="fused vs plain gather + loss, forward and backward")
-    loss.add_argument("--batch", type=int, default=128)
-    loss.add_argument("--repeats", type=int, default=3)
+    loss.add_argument("--batch", type=positive_int, default=128)
+    loss.add_argument("--repeats", type=positive_int, default=3)
     loss.add_argument("--out")
     loss.set_defaults(run=_run_loss, command_name="bench loss")
     masks = bench.add_parser("masks", help="vectorised mask collator vs the per-image reference")
-    masks.add_argument("--batch", type=int, default=128)
-    masks.add_argument("--img", type=int, default=224)
-    masks.add_argument("--patch", type=int, default=16)
+    masks.add_argument("--batch", type=positive_int, default=128)
+    masks.add_argument("--img", type=positive_int, default=224)
+    masks.add_argument("--patch", type=positive_int, default=16)
     masks.add_argument("--out")
     masks.set_defaults(run=_run_masks, command_name="bench masks")
 
@@ -80,9 +80,9 @@ def add_bench_data_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     add_config_arguments(parser, required=False, what="crop, augmentation, masks, batch size (default: built-in)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="loader worker counts (default 1 2; 0 = the loader in this process)")
-    parser.add_argument("--batches", type=int, default=40, help="timed batches per measurement (default 40)")
+    parser.add_argument("--batches", type=positive_int, default=40, help="timed batches per measurement (default 40)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches per worker first (default 3)")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=positive_int, default=3,
                         help="timed windows per measurement; the best counts (default 3: on a shared machine "
                              "other processes only ever slow a window down)")
     return parser

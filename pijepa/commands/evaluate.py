@@ -6,12 +6,12 @@ Bad input raises a UserError, which `pijepa.cli.main` turns into one line and ex
 from __future__ import annotations
 
 import argparse
-import sys
 
-from pijepa.commands._args import positive_int
+from pijepa.commands._args import device_name, positive_int
 from pijepa.eval.features import POOLS
 from pijepa.models.attention import ATTN_BACKENDS
 from pijepa.runtime.atomic import atomic_write_json
+from pijepa.runtime.log import console
 
 
 def _float_list(text: str) -> list[float]:
@@ -50,7 +50,8 @@ def add_features_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per process (default 2)")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="use at most N images, taken round-robin over classes")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
+    parser.add_argument("--device", type=device_name, default=None,
+                        help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
     parser.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="sdpa")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -65,8 +66,8 @@ def run_features(args: argparse.Namespace) -> None:
         device=args.device, attn_backend=args.attn_backend, progress=not args.no_progress)
     if summary is not None:  # rank 0
         skipped = f"; skipped {summary['skipped']} non-image files" if summary["skipped"] else ""
-        print(f"pijepa features: wrote {summary['num_samples']} x {summary['dim']} features of "
-              f"{summary['num_classes']} classes to {summary['out']}{skipped}", file=sys.stderr)
+        console(f"pijepa features: wrote {summary['num_samples']} x {summary['dim']} features of "
+                f"{summary['num_classes']} classes to {summary['out']}{skipped}")
 
 
 # ----------------------------------------------------------------------------- eval
@@ -76,7 +77,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, help="feature file of the training split")
     parser.add_argument("--test", required=True, help="feature file of the test split")
     parser.add_argument("--out", default=None, help="results JSON to write (default: print only)")
-    parser.add_argument("--device", default="cpu", help="device for the evaluation (default cpu)")
+    parser.add_argument("--device", type=device_name, default="cpu", help="device for the evaluation (default cpu)")
 
 
 def add_knn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -8,7 +8,9 @@ import json
 
 from pijepa.commands._args import add_config_arguments
 from pijepa.config import load_config
-from pijepa.plan.planner import GPUS, format_plan, make_plan, plan_to_json
+from pijepa.plan.hardware import GPUS
+from pijepa.plan.planner import make_plan
+from pijepa.plan.report import format_plan, plan_to_json
 
 
 def register(commands: argparse._SubParsersAction) -> None:

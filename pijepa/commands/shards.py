@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
-from pijepa.data.shards import LAYOUTS, parse_size, write_shards
+from pijepa.data.shards import LAYOUTS, write_shards
+
+
+def parse_size(text: str | int) -> int:
+    """'1GB' -> 10**9, '512MiB' -> 512 * 2**20, '1e9' -> 10**9 (decimal units, as disk vendors use)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"cannot read size {text!r} (examples: 1GB, 500MB, 2GiB, 1e9)")
+    try:
+        number, unit, binary = float(match[1]), match[2].upper(), bool(match[3])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read size {text!r} (examples: 1GB, 500MB, 2GiB, 1e9)") from None
+    power = " KMGT".index(unit) if unit else 0
+    return int(number * (1024 if binary else 1000) ** power)
 
 
 def run_write(args: argparse.Namespace) -> None:

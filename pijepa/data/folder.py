@@ -9,6 +9,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2.functional import to_dtype
 
+from pijepa.runtime.errors import DataError
+
 
 def as_uint8(image: torch.Tensor) -> torch.Tensor:
     """16-bit images (PNG) decode to uint16: scaled to uint8 like every other image."""
@@ -20,12 +22,12 @@ def decode_rgb(path: str) -> torch.Tensor:
     try:
         return as_uint8(decode_image(read_file(path), mode=ImageReadMode.RGB))
     except RuntimeError as e:
-        raise RuntimeError(f"{path}: cannot decode image ({e})") from None
+        raise DataError(f"{path}: cannot decode image ({e})") from None
 
 
 def image_folder(root: str | Path) -> ImageFolder:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist (expected an ImageFolder tree "
-                                f"root/<class>/<image>)")
+        raise DataError(f"data folder {root} does not exist (expected an ImageFolder tree "
+                        f"root/<class>/<image>)")
     return ImageFolder(str(root), loader=decode_rgb)

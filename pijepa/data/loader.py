@@ -9,15 +9,39 @@ state but the step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
+from typing import cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pijepa.data.transforms import crop_seed
+from pijepa.runtime.errors import DataError
 from pijepa.runtime.log import warn
-from pijepa.runtime.signals import ignore_preemption_signals
+from pijepa.runtime.signals import ignore_preemption_signals, stop_workers_at_exit
 
 MAX_SUBSTITUTES = 16
+
+
+def dataset_len(dataset: Dataset) -> int:
+    """Map-style datasets have a length, though torch's Dataset type does not declare __len__."""
+    return len(cast(Sized, dataset))
+
+
+def worker_message(err: DataError) -> str | None:
+    """The message of a DataError raised in a DataLoader worker, else None.
+
+    DataLoader raises a worker's error again with the worker's traceback as its message; the CLI
+    prints a DataError as one line, so the caller raises a new one with this message, after
+    dropping `err`'s traceback: its frames hold the DataLoader iterator in a reference cycle (with
+    `err` itself), so the iterator would live until a garbage collection that may never come, and
+    at exit multiprocessing's terminate() cannot stop its workers (they ignore SIGTERM): the
+    interpreter would hang joining them."""
+    text = str(err).rstrip()
+    if "\nOriginal Traceback" not in text:
+        return None
+    # The traceback's last line is "pijepa.runtime.errors.DataError: <message>".
+    return text.splitlines()[-1].split(": ", 1)[-1]
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -31,9 +55,9 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         self.micro_per_step = accum * world_size
         self.steps_per_epoch = dataset_len // (batch_size * self.micro_per_step)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"dataset of {dataset_len} images is smaller than one optimizer step of "
-                             f"{batch_size * self.micro_per_step} images")
-        self._perm_epoch, self._perm = -1, None
+            raise DataError(f"dataset of {dataset_len} images is smaller than one optimizer step of "
+                            f"{batch_size * self.micro_per_step} images")
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)  # no epoch is -1: drawn on first use
 
     def __len__(self) -> int:
         return (self.total_steps - self.start_step) * self.accum
@@ -67,7 +91,7 @@ class StepDataset(Dataset):
         self.dataset, self.transform, self.seed = dataset, transform, seed
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return dataset_len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
         u, index = key
@@ -75,7 +99,7 @@ class StepDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed would also queue a CUDA seed, which costs
             # milliseconds per call on a machine where CUDA is not initialised.
-            torch.default_generator.manual_seed((self.seed * 1_000_003 + u) * 1_000_033 + index)
+            torch.default_generator.manual_seed(crop_seed(self.seed, u, index))
             image = self.transform(image)
         return u, image, label, skipped
 
@@ -84,14 +108,14 @@ class StepDataset(Dataset):
         the next readable one of a fixed sequence of others: a deterministic substitute, so that
         batches keep their size and a resumed run sees the same data. Each skip is reported."""
         for attempt in range(MAX_SUBSTITUTES + 1):
-            i = (index + attempt * 7919) % len(self.dataset)
+            i = (index + attempt * 7919) % len(self)
             try:
                 image, label = self.dataset[i]
                 return image, label, attempt
             except Exception as e:  # decode errors name the file
                 warn(f"skipping unreadable image #{i}: {e}", all_ranks=True)
-        raise RuntimeError(f"{MAX_SUBSTITUTES + 1} images in a row are unreadable (from #{index}): "
-                           f"the dataset is damaged; see the warnings above")
+        raise DataError(f"{MAX_SUBSTITUTES + 1} images in a row are unreadable (from #{index}): "
+                        f"the dataset is damaged; see the warnings above")
 
 
 class StepLoader:
@@ -102,9 +126,17 @@ class StepLoader:
         self.loader, self.skipped = loader, 0
 
     def __iter__(self):
-        for *batch, skipped in self.loader:
-            self.skipped += int(skipped)
-            yield tuple(batch)
+        try:
+            for *batch, skipped in self.loader:
+                self.skipped += int(skipped)
+                yield tuple(batch)
+            return
+        except DataError as err:
+            message = worker_message(err)
+            if message is None:
+                raise
+            err.__traceback__ = None  # it holds the DataLoader iterator in a cycle: see worker_message
+        raise DataError(message)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -116,12 +148,14 @@ class StepLoader:
 def build_step_loader(dataset: Dataset, transform: Callable, collator: Callable, *, batch_size: int,
                       accum: int, world_size: int, rank: int, start_step: int, total_steps: int,
                       seed: int, num_workers: int, pin_memory: bool) -> StepLoader:
-    sampler = StepBatchSampler(len(dataset), batch_size, accum, world_size, rank,
+    sampler = StepBatchSampler(dataset_len(dataset), batch_size, accum, world_size, rank,
                                start_step, total_steps, seed)
 
     def collate(items):  # the collator sees (u, image, label); the skip count rides along
         return (*collator([item[:3] for item in items]), sum(item[3] for item in items))
 
+    if num_workers:
+        stop_workers_at_exit()
     return StepLoader(DataLoader(StepDataset(dataset, transform, seed), batch_sampler=sampler, collate_fn=collate,
                                  num_workers=num_workers, pin_memory=pin_memory,
                                  persistent_workers=False, prefetch_factor=4 if num_workers else None,

@@ -13,6 +13,8 @@ import math
 import torch
 from torch.utils.data import Dataset
 
+from pijepa.runtime.errors import ConfigError
+
 SHAPES = ("disk", "square", "triangle", "ring", "cross")
 FILLS = ("solid", "striped")
 
@@ -22,7 +24,7 @@ class SyntheticShapes(Dataset):
 
     def __init__(self, num_images: int, num_classes: int = 10, image_size: int = 64, seed: int = 0):
         if not 2 <= num_classes <= len(SHAPES) * len(FILLS):
-            raise ValueError(f"synthetic_classes must be 2..{len(SHAPES) * len(FILLS)}, got {num_classes}")
+            raise ConfigError(f"synthetic_classes must be 2..{len(SHAPES) * len(FILLS)}, got {num_classes}")
         self.num_images = num_images
         self.num_classes = num_classes
         self.image_size = image_size

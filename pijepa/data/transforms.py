@@ -9,6 +9,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def crop_seed(seed: int, u: int, i: int) -> int:
+    """The seed of one image's augmentation: a pure function of the run's seed, the micro-batch
+    index `u` and `i` (the dataset index in the step-addressed loader, the place in the batch in the
+    webdataset loader), so that a crop never depends on the process or worker that makes it."""
+    return (seed * 1_000_003 + u) * 1_000_033 + i
+
+
 def build_train_transform(
     crop_size: int,
     crop_scale: tuple[float, float],

@@ -19,6 +19,7 @@ workers (each read opens the file itself).
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from pijepa.data.shards import INDEX_NAME, detect_layout, read_index, scan_container
+from pijepa.runtime.errors import ConfigError, DataError, DataNotFoundError
 
 LAYOUTS = ("imagefolder", "tars", "shards")
 
@@ -60,15 +62,15 @@ def detect_eval_layout(root: Path) -> str:
     """'shards' when ``root`` is (or holds) a shards index, else 'tars' or 'imagefolder'."""
     if (root.is_file() and root.name == INDEX_NAME) or (root / INDEX_NAME).is_file():
         return "shards"
-    return detect_layout(root)  # raises a ValueError naming both other layouts
+    return detect_layout(root)  # raises a DataError naming both other layouts
 
 
-def list_images(root: str | Path) -> Listing:
+def list_images(root: str | os.PathLike) -> Listing:
     """All images under ``root`` in evaluation order (see the module docstring)."""
     root = Path(root)
     if not root.exists():
-        raise FileNotFoundError(f"data {root} does not exist (expected an ImageFolder tree, "
-                                f"per-class tars or a WebDataset shards folder with {INDEX_NAME})")
+        raise DataNotFoundError(f"data {root} does not exist (expected an ImageFolder tree, "
+                        f"per-class tars or a WebDataset shards folder with {INDEX_NAME})")
     layout = detect_eval_layout(root)
     if layout == "shards":
         return _list_shards(root)
@@ -122,7 +124,7 @@ def _list_shards(root: Path) -> Listing:
 def scan_shard(path: Path, num_classes: int) -> list[tuple[tuple, Sample]]:
     """(sort key, Sample) for each sample of one shard, reading only headers, cls and json."""
     if not path.is_file():
-        raise FileNotFoundError(f"shard {path} listed in its {INDEX_NAME} is missing")
+        raise DataError(f"shard {path} listed in its {INDEX_NAME} is missing")
     members: dict[str, dict[str, tarfile.TarInfo]] = {}
     out = []
     with tarfile.open(path, "r:") as tf:
@@ -133,17 +135,24 @@ def scan_shard(path: Path, num_classes: int) -> list[tuple[tuple, Sample]]:
             members.setdefault(key, {})[ext] = m
         for key, parts in members.items():
             if "jpg" not in parts or "cls" not in parts:
-                raise ValueError(f"{path}: sample {key!r} lacks a jpg or cls member "
-                                 f"(has {sorted(parts)}); rewrite it with `pijepa shards write`")
-            label = int(tf.extractfile(parts["cls"]).read().decode("ascii"))
+                raise DataError(f"{path}: sample {key!r} lacks a jpg or cls member "
+                                f"(has {sorted(parts)}); rewrite it with `pijepa shards write`")
+            label = int(_member_bytes(tf, parts["cls"]).decode("ascii"))
             if not 0 <= label < num_classes:
-                raise ValueError(f"{path}: sample {key!r} has class {label}, outside the "
-                                 f"{num_classes} classes of the index")
-            info = json.loads(tf.extractfile(parts["json"]).read()) if "json" in parts else {}
+                raise DataError(f"{path}: sample {key!r} has class {label}, outside the "
+                                f"{num_classes} classes of the index")
+            info = json.loads(_member_bytes(tf, parts["json"])) if "json" in parts else {}
             file, source = str(info.get("file", key)), str(info.get("source", ""))
             jpg = parts["jpg"]
             out.append(((label, source, file, key), Sample(str(path), jpg.offset_data, jpg.size, label, file)))
     return out
+
+
+def _member_bytes(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    data = tf.extractfile(member)
+    if data is None:  # cannot happen: scan_shard keeps regular files only
+        raise ValueError(f"{member.name} is not a regular file")
+    return data.read()
 
 
 def limit_samples(samples: list[Sample], limit: int | None) -> list[Sample]:
@@ -155,7 +164,7 @@ def limit_samples(samples: list[Sample], limit: int | None) -> list[Sample]:
     if limit is None or limit >= len(samples):
         return list(samples)
     if limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
+        raise ConfigError(f"--limit must be >= 1, got {limit}")
     seen: dict[int, int] = {}
     rank_in_class = []
     for s in samples:
@@ -171,8 +180,8 @@ def read_bytes(sample: Sample) -> bytes:
         f.seek(sample.offset)
         data = f.read(sample.size)
     if len(data) != sample.size:
-        raise OSError(f"{sample.path}: expected {sample.size} bytes of {sample.name} at offset "
-                      f"{sample.offset}, got {len(data)} (did the file change?)")
+        raise DataError(f"{sample.path}: expected {sample.size} bytes of {sample.name} at offset "
+                        f"{sample.offset}, got {len(data)} (did the file change?)")
     return data
 
 
@@ -182,7 +191,7 @@ def decode_sample(sample: Sample) -> torch.Tensor:
     try:
         return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as e:
-        raise RuntimeError(f"{sample.path}: cannot decode {sample.name} ({e})") from None
+        raise DataError(f"{sample.path}: cannot decode {sample.name} ({e})") from None
 
 
 class EvalImages(Dataset):

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -38,6 +37,8 @@ from pijepa.data.transforms import build_eval_transform
 from pijepa.eval.datasets import EvalImages, limit_samples, list_images
 from pijepa.eval.features_io import save_features
 from pijepa.models.loading import load_encoder
+from pijepa.models.vit import VisionTransformer
+from pijepa.runtime.errors import ConfigError, DataError, UserError
 
 POOLS = ("mean", "lastn")
 
@@ -45,19 +46,19 @@ POOLS = ("mean", "lastn")
 # ----------------------------------------------------------------------------- pooling
 
 
-def check_pool(encoder: nn.Module, pool: str, last_n: int) -> None:
+def check_pool(encoder: VisionTransformer, pool: str, last_n: int) -> None:
     if pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        raise ConfigError(f"pool must be one of {POOLS}, got {pool!r}")
     if pool == "lastn" and not 1 <= last_n <= len(encoder.blocks):
-        raise ValueError(f"--last-n must be in 1..{len(encoder.blocks)} (the encoder's depth), got {last_n}")
+        raise ConfigError(f"--last-n must be in 1..{len(encoder.blocks)} (the encoder's depth), got {last_n}")
 
 
-def feature_dim(encoder: nn.Module, pool: str, last_n: int) -> int:
+def feature_dim(encoder: VisionTransformer, pool: str, last_n: int) -> int:
     return encoder.embed_dim * (last_n if pool == "lastn" else 1)
 
 
 @contextlib.contextmanager
-def capture_last_blocks(encoder: nn.Module, n: int) -> Iterator[list[torch.Tensor]]:
+def capture_last_blocks(encoder: VisionTransformer, n: int) -> Iterator[list[torch.Tensor]]:
     """Collects the outputs of the encoder's last ``n`` blocks during the forwards run inside."""
     outputs: list[torch.Tensor] = []
     hooks = [block.register_forward_hook(lambda _m, _i, out: outputs.append(out))
@@ -69,7 +70,7 @@ def capture_last_blocks(encoder: nn.Module, n: int) -> Iterator[list[torch.Tenso
             hook.remove()
 
 
-def encode_batch(encoder: nn.Module, images: torch.Tensor, pool: str = "mean", last_n: int = 4) -> torch.Tensor:
+def encode_batch(encoder: VisionTransformer, images: torch.Tensor, pool: str = "mean", last_n: int = 4) -> torch.Tensor:
     """``[B, 3, H, W] -> [B, F]`` float32 features (see the module docstring for ``pool``)."""
     if pool == "mean":
         return encoder(images).float().mean(dim=1)
@@ -113,10 +114,11 @@ def gather_to_main(local: torch.Tensor, counts: list[int], rank: int, world: int
     width = max(counts)
     padded = torch.zeros(width, local.shape[1], dtype=local.dtype)
     padded[: local.shape[0]] = local
-    bucket = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
-    dist.gather(padded, bucket, dst=0)
     if rank != 0:
+        dist.gather(padded, None, dst=0)
         return None
+    bucket = [torch.empty_like(padded) for _ in range(world)]
+    dist.gather(padded, bucket, dst=0)
     return [part[:n] for part, n in zip(bucket, counts)]
 
 
@@ -150,9 +152,19 @@ def default_device() -> torch.device:
 # ----------------------------------------------------------------------------- extraction
 
 
+def _worker_message(error: UserError) -> UserError:
+    """The error itself, without the traceback DataLoader puts in the message of an error raised in
+    one of its workers (a bad image): the CLI prints the message as one line."""
+    text = str(error).rstrip()
+    if "\nOriginal Traceback" not in text:
+        return error
+    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+    return type(error)(text.splitlines()[-1].removeprefix(prefix))
+
+
 @torch.no_grad()
 def extract(
-    encoder: nn.Module,
+    encoder: VisionTransformer,
     dataset: torch.utils.data.Dataset,
     indices: list[int],
     *,
@@ -169,22 +181,26 @@ def extract(
                         num_workers=workers, pin_memory=device.type == "cuda")
     out = torch.empty(len(indices), feature_dim(encoder, pool, last_n))
     row = 0
-    for images, _labels in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
-        feats = encode_batch(encoder, images.to(device, non_blocking=True), pool, last_n)
-        out[row: row + feats.shape[0]] = feats.cpu()
-        row += feats.shape[0]
+    try:
+        for images, _labels in tqdm(loader, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
+            feats = encode_batch(encoder, images.to(device, non_blocking=True), pool, last_n)
+            out[row: row + feats.shape[0]] = feats.cpu()
+            row += feats.shape[0]
+    except UserError as e:
+        raise _worker_message(e) from None
     return out
 
 
-def eval_image_size(encoder: nn.Module, img_size: int | None) -> int:
+def eval_image_size(encoder: VisionTransformer, img_size: int | None) -> int:
     """The eval crop: ``img_size`` if given, else the encoder's (square) training size."""
     if img_size is None:
         h, w = encoder.img_size
         if h != w:
-            raise ValueError(f"the encoder was trained at {h}x{w}; pass --img-size for a square eval crop")
+            raise ConfigError(f"the encoder was trained at {h}x{w}; pass --img-size for a square eval crop")
         img_size = h
     if img_size < 1 or img_size % encoder.patch_size:
-        raise ValueError(f"--img-size {img_size} must be a positive multiple of the patch size {encoder.patch_size}")
+        raise ConfigError(f"--img-size {img_size} must be a positive multiple of the patch size "
+                          f"{encoder.patch_size}")
     return img_size
 
 
@@ -206,13 +222,13 @@ def extract_features(
 ) -> dict[str, Any] | None:
     """Extract and write a feature file; returns its summary on rank 0 and None on other ranks."""
     if batch_size < 1 or workers < 0:
-        raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {batch_size}, {workers}")
+        raise ConfigError(f"need --batch-size >= 1 and --workers >= 0, got {batch_size}, {workers}")
     # Everything that can fail on bad input happens before any process group exists, on every
     # rank alike, so a bad argument stops all ranks with the same message and no hang.
     listing = list_images(data)
     samples = limit_samples(listing.samples, limit)
     if not samples:
-        raise ValueError(f"{data}: no images found")
+        raise DataError(f"{data}: no images found")
     device = torch.device(device) if device is not None else default_device()
     encoder = load_encoder(encoder_path, which=which, device=device, attn_backend=attn_backend)
     check_pool(encoder, pool, last_n)
@@ -226,7 +242,7 @@ def extract_features(
                         progress=progress and rank == 0, desc=f"features {Path(data).name}")
         parts = gather_to_main(local, counts, rank, world)
         summary = None
-        if rank == 0:
+        if parts is not None:  # rank 0
             features = assemble(parts, len(samples), batch_size)
             labels = torch.tensor([s.label for s in samples], dtype=torch.long)
             meta = {

@@ -15,11 +15,14 @@ Only tensors and plain Python containers/scalars are stored so the file loads wi
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pijepa.models.loading import describe_load_error
+from pijepa.runtime.atomic import atomic_torch_save
+from pijepa.runtime.errors import DataError, DataNotFoundError
 
 FORMAT = "pijepa-features-v1"
 _KEYS = ("format", "features", "labels", "classes", "meta")
@@ -61,27 +64,34 @@ def _owned_cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def validate_features(
-    features: torch.Tensor, labels: torch.Tensor, classes: list[str], where: str = "features"
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    where: str = "features",
+    error: type[ValueError] = ValueError,
 ) -> None:
-    """Raise ValueError unless features/labels/classes describe one consistent labelled set."""
+    """Raise ``error`` unless features/labels/classes describe one consistent labelled set.
+
+    ValueError when saving (our own tensors: a bug), DataError when loading (the user's file).
+    """
     if not isinstance(features, torch.Tensor) or features.ndim != 2:
-        raise ValueError(f"{where}: features must be a 2-D tensor [N, F], got {_describe(features)}")
+        raise error(f"{where}: features must be a 2-D tensor [N, F], got {_describe(features)}")
     if not features.is_floating_point():
-        raise ValueError(f"{where}: features must be floating point, got {features.dtype}")
+        raise error(f"{where}: features must be floating point, got {features.dtype}")
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1:
-        raise ValueError(f"{where}: labels must be a 1-D tensor [N], got {_describe(labels)}")
+        raise error(f"{where}: labels must be a 1-D tensor [N], got {_describe(labels)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{where}: labels must be an integer tensor, got {labels.dtype}")
+        raise error(f"{where}: labels must be an integer tensor, got {labels.dtype}")
     if labels.shape[0] != features.shape[0]:
-        raise ValueError(
+        raise error(
             f"{where}: {features.shape[0]} feature rows but {labels.shape[0]} labels"
         )
     if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
-        raise ValueError(f"{where}: classes must be a list of str")
+        raise error(f"{where}: classes must be a list of str")
     if labels.numel() > 0:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= len(classes):
-            raise ValueError(
+            raise error(
                 f"{where}: labels span [{lo}, {hi}] but there are {len(classes)} classes"
             )
 
@@ -116,48 +126,50 @@ def save_features(
         "classes": [str(c) for c in classes],
         "meta": meta,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file lives in the destination directory so os.replace is a same-filesystem
-    # rename, which POSIX guarantees to be atomic.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    # Atomic (a temporary file beside it, fsynced, renamed over it): an evaluation that reads the
+    # file sees the old one or the new one, never a half-written one.
+    atomic_torch_save(path, obj)
 
 
 def load_features(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load and validate a feature file; ValueError naming ``path`` when it is not a valid one.
-
-    A missing file raises FileNotFoundError (it is not a format problem).
-    """
+    """Load and validate a feature file; DataError naming ``path`` when it is missing or not a valid one."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"feature file not found: {path}")
+        raise DataNotFoundError(f"feature file not found: {path}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # any unpickling failure means "not a file in our format"
-        raise ValueError(
-            f"{path}: not a readable {FORMAT} feature file ({type(e).__name__}: {e})"
-        ) from e
+        raise DataError(f"{path}: not a readable {FORMAT} feature file ({describe_load_error(e)})") from e
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict in a {FORMAT} file, got {type(obj).__name__}")
+        raise DataError(f"{path}: expected a dict in a {FORMAT} file, got {type(obj).__name__}")
     fmt = obj.get("format")
     if fmt != FORMAT:
-        raise ValueError(f"{path}: format is {fmt!r}, expected {FORMAT!r}")
+        raise DataError(f"{path}: format is {fmt!r}, expected {FORMAT!r}")
     missing = [k for k in _KEYS if k not in obj]
     if missing:
-        raise ValueError(f"{path}: missing keys {missing}")
-    validate_features(obj["features"], obj["labels"], obj["classes"], where=str(path))
+        raise DataError(f"{path}: missing keys {missing}")
+    validate_features(obj["features"], obj["labels"], obj["classes"], where=str(path), error=DataError)
     if not isinstance(obj["meta"], dict):
-        raise ValueError(f"{path}: meta must be a dict, got {type(obj['meta']).__name__}")
+        raise DataError(f"{path}: meta must be a dict, got {type(obj['meta']).__name__}")
     obj["classes"] = list(obj["classes"])
     return obj
+
+
+def load_train_test(train_path: str | os.PathLike, test_path: str | os.PathLike) -> tuple[dict, dict]:
+    """Both feature files of an evaluation, checked to describe the same classes and feature width."""
+    train, test = load_features(train_path), load_features(test_path)
+    if train["classes"] != test["classes"]:
+        raise DataError(
+            f"{train_path} and {test_path} have different class lists; label indices would not "
+            "mean the same classes"
+        )
+    for path, split in ((train_path, train), (test_path, test)):
+        if split["features"].shape[0] == 0:
+            raise DataError(f"{path}: holds no samples; an evaluation needs at least one in each split")
+    train_dim, test_dim = train["features"].shape[1], test["features"].shape[1]
+    if train_dim != test_dim:
+        raise DataError(
+            f"{train_path} has {train_dim}-dim features but {test_path} has {test_dim}-dim ones; "
+            "extract both with the same encoder and pooling"
+        )
+    return train, test

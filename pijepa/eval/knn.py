@@ -29,7 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pijepa.eval.features_io import load_features
+from pijepa.eval.features_io import load_train_test
+from pijepa.runtime.errors import ConfigError, DataError
 
 METRICS = ("cosine", "euclidean")
 WEIGHTINGS = ("exp", "uniform")
@@ -39,9 +40,9 @@ def effective_ks(ks: Iterable[int], num_train: int) -> tuple[dict[int, int], lis
     """Map each requested k to the k actually used (clipped to the train size), plus notes."""
     ks = list(ks)
     if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks):
-        raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks}")
+        raise ConfigError(f"ks must be a non-empty sequence of positive ints, got {ks}")
     if num_train < 1:
-        raise ValueError("k-NN needs at least one training sample")
+        raise DataError("k-NN needs at least one training sample")
     eff = {k: min(k, num_train) for k in ks}
     notes = [
         f"k={k} clipped to {num_train}: the training set has only {num_train} samples"
@@ -69,7 +70,7 @@ def _prepare(
     return train - mean, test - mean
 
 
-def _scores(queries: torch.Tensor, keys: torch.Tensor, key_sqnorms: torch.Tensor | None):
+def _scores(queries: torch.Tensor, keys: torch.Tensor, key_sqnorms: torch.Tensor | None) -> torch.Tensor:
     """Similarity of each query to each key: cosine, or minus the squared Euclidean distance."""
     dots = queries @ keys.T
     if key_sqnorms is None:
@@ -93,19 +94,21 @@ def topk_neighbours(
     """
     n = keys.shape[0]
     chunk = n if not train_chunk_size else max(int(train_chunk_size), 1)
-    best_s = best_i = None
+    best: tuple[torch.Tensor, torch.Tensor] | None = None
     for start in range(0, n, chunk):
         block = keys[start : start + chunk]
         sq = (block * block).sum(dim=1) if euclidean else None
         s = _scores(queries, block, sq)
         s, i = s.topk(min(k, block.shape[0]), dim=1)
         i = i + start
-        if best_s is not None:
-            s, i = torch.cat([best_s, s], dim=1), torch.cat([best_i, i], dim=1)
+        if best is not None:
+            s, i = torch.cat([best[0], s], dim=1), torch.cat([best[1], i], dim=1)
             s, j = s.topk(min(k, s.shape[1]), dim=1)
             i = i.gather(1, j)
-        best_s, best_i = s, i
-    return best_s, best_i
+        best = (s, i)
+    if best is None:
+        raise ValueError("topk_neighbours needs at least one key")
+    return best
 
 
 def _rank_classes(scores: torch.Tensor, topn: int) -> torch.Tensor:
@@ -113,7 +116,7 @@ def _rank_classes(scores: torch.Tensor, topn: int) -> torch.Tensor:
     return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :topn]
 
 
-def _vote_weighted(nbr_labels, nbr_weights, num_classes: int) -> torch.Tensor:
+def _vote_weighted(nbr_labels: torch.Tensor, nbr_weights: torch.Tensor, num_classes: int) -> torch.Tensor:
     out = torch.zeros(nbr_labels.shape[0], num_classes, dtype=nbr_weights.dtype,
                       device=nbr_labels.device)
     return out.scatter_add_(1, nbr_labels, nbr_weights)
@@ -136,6 +139,62 @@ def _vote_uniform(nbr_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return votes * (k + 1) + (k - first)
 
 
+def _check_knn_inputs(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    num_classes: int,
+    *,
+    metric: str,
+    weighting: str,
+    temperature: float,
+) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if weighting == "exp" and not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(
+            f"features must be [N, F] with equal F; got train {tuple(train_feats.shape)}, "
+            f"test {tuple(test_feats.shape)}"
+        )
+    if train_labels.shape != (train_feats.shape[0],):
+        raise ValueError(f"train_labels must be [{train_feats.shape[0]}], got {tuple(train_labels.shape)}")
+    if num_classes < 1 or (train_labels.numel() and not
+                           0 <= int(train_labels.min()) <= int(train_labels.max()) < num_classes):
+        raise ValueError(f"train labels must lie in [0, num_classes={num_classes})")
+
+
+def _neighbour_weights(scores: torch.Tensor, euclid: bool, temperature: float) -> torch.Tensor:
+    """``exp(sim / T)`` of the neighbours' scores (best first), for the weighted vote."""
+    if euclid:
+        # Similarity is minus the (unsquared) distance. Distances are unbounded, so shift by the
+        # nearest one (a per-row constant factor on the weights, which cannot change the ranking)
+        # to keep exp() from underflowing to all-zero weights.
+        sim = -(-scores).clamp_min(0).sqrt()
+        sim = sim - sim[:, :1]
+    else:
+        sim = scores  # cosine in [-1, 1]: exp(sim / T) is safe in float32, as in DINO
+    return (sim / temperature).exp()
+
+
+def _rank_per_k(
+    nbr: torch.Tensor, weights: torch.Tensor | None, eff: dict[int, int], num_classes: int, topn: int
+) -> dict[int, torch.Tensor]:
+    """Class rankings of one test batch for every k, from its neighbours' labels (nearest first);
+    a weighted vote when ``weights`` are given, else the uniform vote."""
+    out = {}
+    for k, ke in eff.items():
+        if weights is not None:
+            cls = _vote_weighted(nbr[:, :ke], weights[:, :ke], num_classes)
+        else:
+            cls = _vote_uniform(nbr[:, :ke], num_classes)
+        out[k] = _rank_classes(cls, topn)
+    return out
+
+
 def knn_predict(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -155,22 +214,8 @@ def knn_predict(
     ks larger than the training set are clipped to it (see ``effective_ks``). Computation runs on
     ``train_feats``' device.
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if weighting == "exp" and not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(
-            f"features must be [N, F] with equal F; got train {tuple(train_feats.shape)}, "
-            f"test {tuple(test_feats.shape)}"
-        )
-    if train_labels.shape != (train_feats.shape[0],):
-        raise ValueError(f"train_labels must be [{train_feats.shape[0]}], got {tuple(train_labels.shape)}")
-    if num_classes < 1 or (train_labels.numel() and not
-                           0 <= int(train_labels.min()) <= int(train_labels.max()) < num_classes):
-        raise ValueError(f"train labels must lie in [0, num_classes={num_classes})")
+    _check_knn_inputs(train_feats, train_labels, test_feats, num_classes,
+                      metric=metric, weighting=weighting, temperature=temperature)
     eff, _ = effective_ks(ks, train_feats.shape[0])
     kmax = max(eff.values())
     topn = min(topn, num_classes)
@@ -184,22 +229,9 @@ def knn_predict(
         q = test[start : start + bs]
         s, idx = topk_neighbours(q, train, kmax, euclidean=euclid, train_chunk_size=train_chunk_size)
         nbr = labels[idx]  # [B, kmax], nearest first
-        if weighting == "exp":
-            if euclid:
-                # Similarity is minus the (unsquared) distance. Distances are unbounded, so shift
-                # by the nearest one (a per-row constant factor on the weights, which cannot
-                # change the ranking) to keep exp() from underflowing to all-zero weights.
-                sim = -(-s).clamp_min(0).sqrt()
-                sim = sim - sim[:, :1]
-            else:
-                sim = s  # cosine in [-1, 1]: exp(sim / T) is safe in float32, as in DINO
-            w = (sim / temperature).exp()
-        for k, ke in eff.items():
-            if weighting == "exp":
-                cls = _vote_weighted(nbr[:, :ke], w[:, :ke], num_classes)
-            else:
-                cls = _vote_uniform(nbr[:, :ke], num_classes)
-            preds[k].append(_rank_classes(cls, topn))
+        w = _neighbour_weights(s, euclid, temperature) if weighting == "exp" else None
+        for k, ranked in _rank_per_k(nbr, w, eff, num_classes, topn).items():
+            preds[k].append(ranked)
     empty = torch.empty(0, topn, dtype=torch.long, device=train.device)
     return {k: torch.cat(v) if v else empty for k, v in preds.items()}
 
@@ -235,7 +267,7 @@ def knn_classify(
     if test_labels.shape != (test_feats.shape[0],):
         raise ValueError(f"test_labels must be [{test_feats.shape[0]}], got {tuple(test_labels.shape)}")
     if test_feats.shape[0] == 0:
-        raise ValueError("empty test set: accuracy is undefined")
+        raise DataError("empty test set: accuracy is undefined")
     ks = list(dict.fromkeys(ks))  # drop duplicates, keep order
     eff, notes = effective_ks(ks, train_feats.shape[0])
     ranked = knn_predict(
@@ -274,18 +306,13 @@ def run_knn(
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Load two feature files and run both protocols (weighted cosine, paper's Euclidean 5-NN)."""
-    train, test = load_features(train_path), load_features(test_path)
-    if train["classes"] != test["classes"]:
-        raise ValueError(
-            f"{train_path} and {test_path} have different class lists; label indices would not "
-            "mean the same classes"
-        )
+    train, test = load_train_test(train_path, test_path)
     num_classes = len(train["classes"])
     args = (
         train["features"].to(device), train["labels"].to(device),
         test["features"].to(device), test["labels"].to(device), num_classes,
     )
-    common = {"batch_size": batch_size, "train_chunk_size": train_chunk_size}
+    common: dict[str, Any] = {"batch_size": batch_size, "train_chunk_size": train_chunk_size}
     return {
         "train_file": str(train_path),
         "test_file": str(test_path),

@@ -14,20 +14,32 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pijepa.eval.features_io import load_features
+from pijepa.eval.features_io import load_train_test
+from pijepa.runtime.errors import ConfigError, DataError
 
 # AdamW's grid reaches 1: mean-pooled LayerNormed tokens vary little between images, and on them the
 # sweep picked 3e-2, the old top of the grid, in 11 of 12 probes of docs/results.md; with this grid it
 # picks 0.1, 0.3 or 1, and the held-out loss is higher at 1 than at 0.3 in 11 of those 12 probes.
 DEFAULT_LRS = {"adamw": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0), "sgd": (0.01, 0.03, 0.1, 0.3)}
 _EVAL_BATCH = 8192
+
+
+class FitSettings(TypedDict):
+    """Everything ``fit_probe`` takes besides the data and the lr (the same for every candidate)."""
+
+    optimizer: str
+    weight_decay: float
+    epochs: int
+    batch_size: int
+    batchnorm: bool
+    seed: int
 
 
 def stratified_split(
@@ -38,7 +50,7 @@ def stratified_split(
     Each class keeps at least one training sample. Deterministic in (labels, val_fraction, seed).
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
     labels = labels.detach().cpu().long()
     n = labels.shape[0]
     g = torch.Generator().manual_seed(seed)
@@ -60,7 +72,7 @@ def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
 
 
-def _make_probe(dim: int, num_classes: int, batchnorm: bool, seed: int, device) -> nn.Module:
+def _make_probe(dim: int, num_classes: int, batchnorm: bool, seed: int, device: torch.device) -> nn.Module:
     # Init from our own generator: determinism must not depend on the global RNG state.
     g = torch.Generator().manual_seed(seed)
     linear = nn.Linear(dim, num_classes)
@@ -71,7 +83,9 @@ def _make_probe(dim: int, num_classes: int, batchnorm: bool, seed: int, device) 
     return nn.Sequential(*layers).to(device)
 
 
-def _make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def _make_optimizer(
+    name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
@@ -140,10 +154,35 @@ def evaluate_probe(
 
 def _select(sweep: list[dict[str, float]]) -> dict[str, float]:
     """Best val top-1; ties -> lower val loss (NaN counts as worst) -> earlier candidate."""
-    def key(r):
+    def key(r: dict[str, float]) -> tuple[float, float]:
         loss = r["val_loss"] if math.isfinite(r["val_loss"]) else math.inf
         return (-r["val_top1"], loss)
     return min(sweep, key=key)  # min() keeps the first of equal keys
+
+
+def _check_options(optimizer: str, lrs: Sequence[float] | None, epochs: int, batch_size: int) -> list[float]:
+    """The lrs to sweep (``DEFAULT_LRS[optimizer]`` for None), after checking the options."""
+    if optimizer not in DEFAULT_LRS:
+        raise ConfigError(f"optimizer must be one of {tuple(DEFAULT_LRS)}, got {optimizer!r}")
+    out = [float(x) for x in (DEFAULT_LRS[optimizer] if lrs is None else lrs)]
+    if not out or any(not x > 0 for x in out):
+        raise ConfigError(f"lrs must be a non-empty list of positive numbers, got {out}")
+    if epochs < 1 or batch_size < 1:
+        raise ConfigError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    return out
+
+
+def _sweep(
+    x: torch.Tensor, y: torch.Tensor, tr_idx: torch.Tensor, val_idx: torch.Tensor, num_classes: int,
+    lrs: list[float], fit: FitSettings,
+) -> list[dict[str, float]]:
+    """One probe per lr on the ``tr_idx`` rows, scored on the ``val_idx`` rows."""
+    sweep = []
+    for lr in lrs:
+        model = fit_probe(x[tr_idx], y[tr_idx], num_classes, lr=lr, **fit)
+        m = evaluate_probe(model, x[val_idx], y[val_idx], num_classes)
+        sweep.append({"lr": lr, "val_top1": m["top1"], "val_top5": m["top5"], "val_loss": m["loss"]})
+    return sweep
 
 
 def train_linear_probe(
@@ -168,36 +207,22 @@ def train_linear_probe(
     JSON-serialisable dict: settings, "num_train"/"num_val"/"num_test", "sweep" (one entry per lr
     with val_top1/val_top5/val_loss), "best_lr", and test "top1", "top5" (top-"top5_n"), "loss".
     """
-    if optimizer not in DEFAULT_LRS:
-        raise ValueError(f"optimizer must be one of {tuple(DEFAULT_LRS)}, got {optimizer!r}")
-    lrs = [float(x) for x in (DEFAULT_LRS[optimizer] if lrs is None else lrs)]
-    if not lrs or any(not x > 0 for x in lrs):
-        raise ValueError(f"lrs must be a non-empty list of positive numbers, got {lrs}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
-    _check_xy(train_feats, train_labels, num_classes, "train")
-    _check_xy(test_feats, test_labels, num_classes, "test")
-    if test_feats.shape[1] != train_feats.shape[1]:
-        raise ValueError("train and test features have different dimensions")
+    lrs = _check_options(optimizer, lrs, epochs, batch_size)
+    _check_splits(train_feats, train_labels, test_feats, test_labels, num_classes)
 
     dev = train_feats.device
     x_tr, y_tr = train_feats.float(), train_labels.to(dev).long()
     x_te, y_te = test_feats.to(dev).float(), test_labels.to(dev).long()
-    fit = {"optimizer": optimizer, "weight_decay": weight_decay, "epochs": epochs,
-           "batch_size": batch_size, "batchnorm": batchnorm, "seed": seed}
+    fit = FitSettings(optimizer=optimizer, weight_decay=weight_decay, epochs=epochs,
+                      batch_size=batch_size, batchnorm=batchnorm, seed=seed)
 
     tr_idx, val_idx = stratified_split(y_tr, val_fraction, seed)
     if val_idx.numel() == 0:
-        raise ValueError(
+        raise ConfigError(
             f"val_fraction={val_fraction} leaves no validation sample "
             f"({x_tr.shape[0]} training samples); cannot choose a learning rate"
         )
-    tr_idx, val_idx = tr_idx.to(dev), val_idx.to(dev)
-    sweep = []
-    for lr in lrs:
-        model = fit_probe(x_tr[tr_idx], y_tr[tr_idx], num_classes, lr=lr, **fit)
-        m = evaluate_probe(model, x_tr[val_idx], y_tr[val_idx], num_classes)
-        sweep.append({"lr": lr, "val_top1": m["top1"], "val_top5": m["top5"], "val_loss": m["loss"]})
+    sweep = _sweep(x_tr, y_tr, tr_idx.to(dev), val_idx.to(dev), num_classes, lrs, fit)
     best_lr = _select(sweep)["lr"]
 
     model = fit_probe(x_tr, y_tr, num_classes, lr=best_lr, **fit)
@@ -219,12 +244,22 @@ def train_linear_probe(
     }
 
 
+def _check_splits(
+    train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
+    num_classes: int,
+) -> None:
+    _check_xy(train_feats, train_labels, num_classes, "train")
+    _check_xy(test_feats, test_labels, num_classes, "test")
+    if test_feats.shape[1] != train_feats.shape[1]:
+        raise ValueError("train and test features have different dimensions")
+
+
 def _check_xy(x: torch.Tensor, y: torch.Tensor, num_classes: int, name: str) -> None:
     if x.ndim != 2 or y.shape != (x.shape[0],):
         raise ValueError(f"{name}: need features [N, F] and labels [N], got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[0] == 0:
-        raise ValueError(f"{name}: empty split")
+        raise DataError(f"{name}: empty split")
     if int(y.min()) < 0 or int(y.max()) >= num_classes:
         raise ValueError(f"{name}: labels must lie in [0, num_classes={num_classes})")
 
@@ -237,9 +272,7 @@ def run_linear_probe(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Load two feature files and run ``train_linear_probe`` (kwargs are passed through)."""
-    train, test = load_features(train_path), load_features(test_path)
-    if train["classes"] != test["classes"]:
-        raise ValueError(f"{train_path} and {test_path} have different class lists")
+    train, test = load_train_test(train_path, test_path)
     res = train_linear_probe(
         train["features"].to(device), train["labels"].to(device),
         test["features"].to(device), test["labels"].to(device),

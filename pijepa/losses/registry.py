@@ -59,10 +59,13 @@ def combine(
     if pkt_groups is not None:
         pkt = pkt_groups.mean()
         parts["pkt"] = pkt.detach()
-    if name == "L2":
+    if name == "L2" and l2 is not None:
         return l2, parts
-    if name == "PKT":
+    if name == "PKT" and pkt is not None:
         return pkt, parts
+    if l2 is None or pkt_groups is None or pkt is None:
+        raise ValueError(f"loss {name!r} was given only some of its terms (l2: {l2 is not None}, "
+                         f"pkt: {pkt_groups is not None})")
     if name == "L2_PKT":
         return l2_weight * l2 + pkt_weight * pkt, parts
     # L2_PKT_chunks: the published code sums the chunk PKTs onto L2, then divides by R / chunk_size.

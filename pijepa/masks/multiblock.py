@@ -36,6 +36,8 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
+from pijepa.runtime.errors import ConfigError
+
 MaskPlacement = Literal["full", "original"]
 PLACEMENTS: tuple[str, ...] = get_args(MaskPlacement)
 
@@ -122,15 +124,15 @@ def masks_to_indices(masks: torch.Tensor) -> torch.Tensor:
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-    return pair  # type: ignore[return-value]
+        raise ConfigError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
+    return pair[0], pair[1]
 
 
 def _range(value: Sequence[float], name: str, upper: float | None) -> tuple[float, float]:
     lo, hi = (float(v) for v in value)
     if not (0.0 < lo <= hi) or (upper is not None and hi > upper):
         bound = f" <= {upper}" if upper is not None else ""
-        raise ValueError(f"{name} must satisfy 0 < min <= max{bound}, got {tuple(value)!r}")
+        raise ConfigError(f"{name} must satisfy 0 < min <= max{bound}, got {tuple(value)!r}")
     return lo, hi
 
 
@@ -158,9 +160,9 @@ class MultiBlockMaskCollator:
     ) -> None:
         image_h, image_w = _pair(input_size, "mask.input_size")
         if not isinstance(patch_size, int) or patch_size <= 0:
-            raise ValueError(f"mask.patch_size must be a positive int, got {patch_size!r}")
+            raise ConfigError(f"mask.patch_size must be a positive int, got {patch_size!r}")
         if image_h % patch_size or image_w % patch_size:
-            raise ValueError(f"mask.input_size {(image_h, image_w)} must be divisible by mask.patch_size {patch_size}")
+            raise ConfigError(f"mask.input_size {(image_h, image_w)} must be divisible by mask.patch_size {patch_size}")
         self.grid = (image_h // patch_size, image_w // patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
         self.enc_mask_scale = _range(enc_mask_scale, "mask.enc_mask_scale", 1.0)
@@ -168,13 +170,13 @@ class MultiBlockMaskCollator:
         self.aspect_ratio = _range(aspect_ratio, "mask.aspect_ratio", None)
         for name, value in (("mask.nenc", nenc), ("mask.npred", npred), ("mask.num_candidates", num_candidates)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         if placement not in PLACEMENTS:
-            raise ValueError(f"mask.placement must be one of {PLACEMENTS}, got {placement!r}")
+            raise ConfigError(f"mask.placement must be one of {PLACEMENTS}, got {placement!r}")
         if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"mask.seed must be an int >= 0, got {seed!r}")
+            raise ConfigError(f"mask.seed must be an int >= 0, got {seed!r}")
         if not isinstance(min_keep, int) or not 1 <= min_keep <= self.num_patches:
-            raise ValueError(
+            raise ConfigError(
                 f"mask.min_keep={min_keep!r} must be an int in [1, {self.num_patches}] "
                 f"(the {self.grid[0]}x{self.grid[1]} patch grid has {self.num_patches} patches)"
             )
@@ -185,7 +187,7 @@ class MultiBlockMaskCollator:
         # (the size grows with the draw u; aspect is fixed at 1) must already hold min_keep tokens.
         h, w = block_size(0.0, self.enc_mask_scale, (1.0, 1.0), self.grid, placement)
         if h * w < min_keep:
-            raise ValueError(
+            raise ConfigError(
                 f"mask.min_keep={min_keep} exceeds the smallest context block ({h}x{w} = {h * w} "
                 f"patches at mask.enc_mask_scale[0]={self.enc_mask_scale[0]} on the "
                 f"{self.grid[0]}x{self.grid[1]} grid, placement={placement!r})"

@@ -9,10 +9,16 @@ Each image of a grid is shown with:
   drawn over the context, and a later target over an earlier one where they overlap;
 * every other patch darkened (neither seen by the context encoder nor predicted).
 
-The grid is built with plain tensor ops (`render_grid`), so the trainer can log it to TensorBoard
-cheaply (`mask_grid_from_batch`, from the masks of the batch it just trained on); `save_png`
-adds a title with the block sizes and writes a PNG with matplotlib. In the PNG the grid sits below
-the title band pixel for pixel (no resampling), so each patch's colour can be read back.
+The tints are plain tensor ops and the outlines torchvision's `draw_bounding_boxes` (`render_grid`),
+so the trainer can log the grid to TensorBoard cheaply (`mask_grid_from_batch`, from the masks of
+the batch it just trained on); `save_png` adds a title with the block sizes and writes a PNG with
+matplotlib. In the PNG the grid sits below the title band pixel for pixel (no resampling), so each
+patch's colour can be read back.
+
+torchvision's `draw_segmentation_masks` does not fit the tints: one call blends every mask with one
+alpha (context, targets and the darkening use three), paints pixels where masks overlap black
+(here the later target wins), truncates instead of rounding, and blending call after call would
+compound the tints where blocks overlap instead of tinting the image once.
 """
 
 from __future__ import annotations
@@ -79,22 +85,31 @@ def render_tile(image: torch.Tensor, context: torch.Tensor, targets: torch.Tenso
     out = base * HIDDEN_SCALE
     ctx = _upsample(context, grid, patch_px)
     out = torch.where(ctx, base * (1 - CONTEXT_ALPHA) + CONTEXT_ALPHA * _colour(CONTEXT_COLOUR), out)
-    line = max(2, patch_px // 8)
     for j, target in enumerate(targets):
         colour = _colour(TARGET_COLOURS[j % len(TARGET_COLOURS)])
         out = torch.where(_upsample(target, grid, patch_px), base * (1 - TARGET_ALPHA) + TARGET_ALPHA * colour, out)
-    for j, target in enumerate(targets):  # outlines last, so every block's border stays visible
+    # Outlines last, so every block's border stays visible.
+    return draw_outlines(out.round().clamp(0, 255).to(torch.uint8), targets, grid, patch_px)
+
+
+def draw_outlines(tile: torch.Tensor, targets: torch.Tensor, grid: tuple[int, int], patch_px: int) -> torch.Tensor:
+    """Each target block's bounding box on ``uint8 [3, H, W]``, in its colour, a later one on top.
+
+    The lines (``max(2, patch_px // 8)`` pixels) lie inside the box, so they cover the block's own
+    border patches and never its neighbours'.
+    """
+    from torchvision.utils import draw_bounding_boxes  # imported here: torchvision is slow to import
+
+    boxes, colours = [], []
+    for j, target in enumerate(targets):
         box = bounding_box(target, grid)
-        if box is None:
-            continue
-        top, left, h, w = (v * patch_px for v in box)
-        colour = _colour(TARGET_COLOURS[j % len(TARGET_COLOURS)])
-        for ys, xs in ((slice(top, top + line), slice(left, left + w)),
-                       (slice(top + h - line, top + h), slice(left, left + w)),
-                       (slice(top, top + h), slice(left, left + line)),
-                       (slice(top, top + h), slice(left + w - line, left + w))):
-            out[:, ys, xs] = colour
-    return out.round().clamp(0, 255).to(torch.uint8)
+        if box is not None:
+            top, left, h, w = (v * patch_px for v in box)
+            boxes.append([left, top, left + w - 1, top + h - 1])  # (x0, y0, x1, y1), corners included
+            colours.append(TARGET_COLOURS[j % len(TARGET_COLOURS)])
+    if not boxes:  # draw_bounding_boxes warns on an empty list
+        return tile
+    return draw_bounding_boxes(tile, torch.tensor(boxes), colors=colours, width=max(2, patch_px // 8))
 
 
 def grid_shape(num_images: int, ncols: int | None = None) -> tuple[int, int]:

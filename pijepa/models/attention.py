@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+from pijepa.runtime.log import get_logger
+
+logger = logging.getLogger(__name__)  # a child of the "pijepa" logger: its handler prints the line
 
 AttnBackend = Literal["sdpa", "math", "xformers"]
 ATTN_BACKENDS: tuple[str, ...] = get_args(AttnBackend)
@@ -40,7 +42,8 @@ def xformers_available() -> bool:
 
 @functools.cache
 def _warn_once(message: str) -> None:
-    # lru_cache on the message turns repeated calls into no-ops: one line per cause per process.
+    # functools.cache on the message turns repeated calls into no-ops: one line per cause per process.
+    get_logger()  # sets up the "pijepa" handler, so the line reads "pijepa: warning: ..."
     logger.warning(message)
 
 

@@ -10,6 +10,9 @@ Accepted files (``torch.load(..., weights_only=True)``), both dicts holding stat
 
 Without a ``model`` dict the architecture is read off the weights; only the head count is not
 visible in the shapes, so it is taken from the standard I-JEPA size of that width.
+
+A path that holds no such file, or a file that does not describe a loadable encoder, raises a
+CheckpointError naming the path (one line from the CLI).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from typing import Any
 
 import torch
 
+from pijepa.models.attention import resolve_attn_backend
 from pijepa.models.vit import VIT_SIZES, VisionTransformer, canonical_model_name
+from pijepa.runtime.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 
 ENCODER_ENTRIES = {"target": "target_encoder", "context": "encoder"}
 
@@ -51,18 +56,18 @@ def describe_load_error(error: Exception) -> str:
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """``torch.load`` on the CPU with ``weights_only=True``, turning failures into a clear ValueError."""
+    """``torch.load`` on the CPU with ``weights_only=True``, turning failures into a clear CheckpointError."""
     if os.path.isdir(path):
-        raise ValueError(f"{path} is a directory; pass the checkpoint file inside it (e.g. its state.pt)")
+        raise CheckpointError(f"{path} is a directory; pass the checkpoint file inside it (e.g. its state.pt)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise CheckpointNotFoundError(f"checkpoint file not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling, zip and format errors all mean "not a checkpoint"
-        raise ValueError(f"{path} is not a PyTorch checkpoint loadable with weights_only=True "
-                         f"({describe_load_error(error)})") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint loadable with weights_only=True "
+                              f"({describe_load_error(error)})") from None
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(
+        raise CheckpointError(
             f"{path} holds a {type(checkpoint).__name__}, expected a dict with 'encoder' and "
             f"'target_encoder' state dicts (an I-JEPA or pijepa checkpoint)"
         )
@@ -72,22 +77,22 @@ def read_checkpoint(path: str) -> dict[str, Any]:
 def encoder_state_dict(checkpoint: Mapping[str, Any], which: str, path: str) -> dict[str, torch.Tensor]:
     """The un-prefixed state dict of the ``which`` ("target" / "context") encoder."""
     if which not in ENCODER_ENTRIES:
-        raise ValueError(f"which must be one of {sorted(ENCODER_ENTRIES)}, got {which!r}")
+        raise ConfigError(f"which must be one of {sorted(ENCODER_ENTRIES)}, got {which!r}")
     entry = ENCODER_ENTRIES[which]
     if entry not in checkpoint:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} has no {entry!r} entry (needed for which={which!r}); "
             f"it contains {sorted(map(str, checkpoint))}"
         )
     state = checkpoint[entry]
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path}: entry {entry!r} is not a state dict of tensors")
+        raise CheckpointError(f"{path}: entry {entry!r} is not a state dict of tensors")
     return {_strip_wrapper_prefixes(name): tensor for name, tensor in state.items()}
 
 
 def _require(state: Mapping[str, torch.Tensor], name: str, path: str) -> torch.Tensor:
     if name not in state:
-        raise ValueError(f"{path}: encoder weights lack {name!r}; this is not an I-JEPA ViT encoder")
+        raise CheckpointError(f"{path}: encoder weights lack {name!r}; this is not an I-JEPA ViT encoder")
     return state[name]
 
 
@@ -96,20 +101,20 @@ def infer_encoder_config(state: Mapping[str, torch.Tensor], path: str = "<state 
     patch_weight = _require(state, "patch_embed.proj.weight", path)  # [D, C, p, p]
     embed_dim, in_chans, patch_h, patch_w = patch_weight.shape
     if patch_h != patch_w:
-        raise ValueError(f"{path}: non-square patches {patch_h}x{patch_w} are not supported")
+        raise CheckpointError(f"{path}: non-square patches {patch_h}x{patch_w} are not supported")
     block_ids = {int(name.split(".")[1]) for name in state if name.startswith("blocks.")}
     if not block_ids:
-        raise ValueError(f"{path}: encoder weights have no 'blocks.*' entries")
+        raise CheckpointError(f"{path}: encoder weights have no 'blocks.*' entries")
     hidden_dim = _require(state, "blocks.0.mlp.fc1.weight", path).shape[0]
     num_patches = _require(state, "pos_embed", path).shape[1]
     side = math.isqrt(num_patches)
     if side * side != num_patches:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: pos_embed has {num_patches} positions, not a square grid; save a 'model' "
             f"dict with img_size to load it"
         )
     if embed_dim not in HEADS_BY_WIDTH:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: width {embed_dim} is not a standard I-JEPA size {sorted(HEADS_BY_WIDTH)}, so the "
             f"head count is unknown; save a 'model' dict with num_heads to load it"
         )
@@ -127,11 +132,11 @@ def infer_encoder_config(state: Mapping[str, torch.Tensor], path: str = "<state 
 def config_from_model_entry(model: Mapping[str, Any], path: str) -> dict[str, Any]:
     """``VisionTransformer`` keyword arguments from a pijepa ``model`` dict."""
     if "model_name" not in model:
-        raise ValueError(f"{path}: the 'model' entry has no 'model_name' (keys: {sorted(model)})")
+        raise CheckpointError(f"{path}: the 'model' entry has no 'model_name' (keys: {sorted(model)})")
     try:
         name = canonical_model_name(str(model["model_name"]))
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error
+    except ValueError as error:  # an unknown size name (a ConfigError where it is a config value)
+        raise CheckpointError(f"{path}: {error}") from error
     embed_dim, depth, num_heads, mlp_ratio = VIT_SIZES[name]
     config: dict[str, Any] = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
     for key in ("patch_size", "img_size", "num_heads", "depth"):
@@ -148,7 +153,7 @@ def find_model_entry(checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
-def _natural_key(name: str) -> list:
+def _natural_key(name: str) -> list[tuple[int, int, str]]:
     """Sort ``blocks.2`` before ``blocks.10`` so error messages list the first offenders."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
@@ -168,7 +173,7 @@ def _check_shapes(encoder: VisionTransformer, state: Mapping[str, torch.Tensor],
         if names:
             problems.append(f"{label} ({len(names)}): {names[:5]}{' ...' if len(names) > 5 else ''}")
     if problems:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: encoder weights do not fit a ViT(embed_dim={encoder.embed_dim}, depth={encoder.depth}, "
             f"patch_size={encoder.patch_size}, img_size={encoder.img_size}): " + "; ".join(problems)
         )
@@ -194,8 +199,12 @@ def load_encoder(
         config = config_from_model_entry(model_entry, path)
     else:
         config = infer_encoder_config(state, path)
-    with torch.device("meta"):
-        encoder = VisionTransformer(attn_backend=attn_backend, **config)
+    attn_backend = resolve_attn_backend(attn_backend)  # an unknown name is the caller's error, not the file's
+    try:
+        with torch.device("meta"):
+            encoder = VisionTransformer(attn_backend=attn_backend, **config)
+    except (TypeError, ValueError) as error:  # e.g. a 'model' entry whose sizes do not fit together
+        raise CheckpointError(f"{path}: cannot build the encoder it describes ({config}): {error}") from error
     _check_shapes(encoder, state, path)
     encoder.load_state_dict(state, strict=True, assign=True)
     return encoder.to(device).eval()

@@ -16,6 +16,7 @@ from pijepa.models.vit import (
     LAYER_NORM_EPS,
     Block,
     VisionTransformer,
+    as_blocks,
     as_mask_tensor,
     init_transformer_weights,
     rescale_residual_branches,
@@ -78,7 +79,7 @@ class VisionTransformerPredictor(nn.Module):
 
     @property
     def attn_backend(self) -> str:
-        return self.predictor_blocks[0].attn.attn_backend if len(self.predictor_blocks) else "sdpa"
+        return as_blocks(self.predictor_blocks)[0].attn.attn_backend if len(self.predictor_blocks) else "sdpa"
 
     def init_weights(self) -> None:
         """(Re)initialise everything, e.g. after ``to_empty()`` on a model built on ``meta``."""

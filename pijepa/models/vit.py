@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,7 @@ import torch.nn as nn
 from pijepa.masks.gather import apply_masks
 from pijepa.models.attention import Attention
 from pijepa.models.pos_embed import get_2d_sincos_pos_embed, interpolate_pos_embed, to_grid
+from pijepa.runtime.errors import ConfigError
 
 LAYER_NORM_EPS = 1e-6
 
@@ -108,11 +109,16 @@ def init_transformer_weights(module: nn.Module, init_std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
+def as_blocks(blocks: nn.ModuleList) -> list[Block]:
+    """The ``Block``s of a ModuleList, typed as such (indexing a ModuleList gives a plain Module)."""
+    return [cast(Block, block) for block in blocks]
+
+
 def rescale_residual_branches(blocks: nn.ModuleList) -> None:
     """I-JEPA's ``fix_init_weight``: divide the weights writing into the residual stream of block
     ``i`` (1-based) by ``sqrt(2 i)`` so that deep stacks start with a bounded residual variance."""
     with torch.no_grad():
-        for layer_id, block in enumerate(blocks, start=1):
+        for layer_id, block in enumerate(as_blocks(blocks), start=1):
             block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
             block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
@@ -160,7 +166,7 @@ class VisionTransformer(nn.Module):
 
     @property
     def attn_backend(self) -> str:
-        return self.blocks[0].attn.attn_backend if len(self.blocks) else "sdpa"
+        return as_blocks(self.blocks)[0].attn.attn_backend if len(self.blocks) else "sdpa"
 
     def init_weights(self) -> None:
         """(Re)initialise everything, e.g. after ``to_empty()`` on a model built on ``meta``."""
@@ -183,34 +189,34 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
 
-def _vit(name: str, **kwargs) -> VisionTransformer:
+def _vit(name: str, **kwargs: Any) -> VisionTransformer:
     embed_dim, depth, num_heads, mlp_ratio = VIT_SIZES[name]
-    config = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+    config: dict[str, Any] = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
     config.update(kwargs)
     return VisionTransformer(**config)
 
 
-def vit_tiny(**kwargs) -> VisionTransformer:
+def vit_tiny(**kwargs: Any) -> VisionTransformer:
     return _vit("vit_tiny", **kwargs)
 
 
-def vit_small(**kwargs) -> VisionTransformer:
+def vit_small(**kwargs: Any) -> VisionTransformer:
     return _vit("vit_small", **kwargs)
 
 
-def vit_base(**kwargs) -> VisionTransformer:
+def vit_base(**kwargs: Any) -> VisionTransformer:
     return _vit("vit_base", **kwargs)
 
 
-def vit_large(**kwargs) -> VisionTransformer:
+def vit_large(**kwargs: Any) -> VisionTransformer:
     return _vit("vit_large", **kwargs)
 
 
-def vit_huge(**kwargs) -> VisionTransformer:
+def vit_huge(**kwargs: Any) -> VisionTransformer:
     return _vit("vit_huge", **kwargs)
 
 
-def vit_giant(**kwargs) -> VisionTransformer:
+def vit_giant(**kwargs: Any) -> VisionTransformer:
     return _vit("vit_giant", **kwargs)
 
 
@@ -218,7 +224,7 @@ def canonical_model_name(model_name: str) -> str:
     """Accept ``"vit_huge"`` (the official config spelling) as well as ``"huge"``."""
     name = model_name if model_name.startswith("vit_") else f"vit_{model_name}"
     if name not in VIT_SIZES:
-        raise ValueError(f"unknown model_name {model_name!r}; expected one of {sorted(VIT_SIZES)}")
+        raise ConfigError(f"unknown model_name {model_name!r}; expected one of {sorted(VIT_SIZES)}")
     return name
 
 
@@ -231,7 +237,7 @@ def build_encoder(
 ) -> VisionTransformer:
     """Encoder of a standard size (``depth`` > 0 overrides its number of blocks); build under
     ``torch.device("meta")`` to skip allocation."""
-    kwargs = dict(patch_size=patch_size, img_size=img_size, attn_backend=attn_backend)
+    kwargs: dict[str, Any] = dict(patch_size=patch_size, img_size=img_size, attn_backend=attn_backend)
     if depth:
         kwargs["depth"] = depth
     return _vit(canonical_model_name(model_name), **kwargs)

@@ -1,6 +1,8 @@
 """Distributed strategies behind one interface (see base.Strategy): the only code that knows the
-engine. One module per strategy (single, ddp, fsdp, deepspeed), parallelize.py (AC -> compile ->
-shard), formats.py (reading any strategy's checkpoint in one process, for export)."""
+engine. One module per strategy (single, ddp, fsdp, deepspeed; DeepSpeed's JSON and checkpoint
+layout in deepspeed_config.py and deepspeed_checkpoint.py), parallelize.py (AC -> compile ->
+shard), formats.py (a run's checkpoint folders, and reading any strategy's checkpoint in one
+process, for export), options.py (the `dist` config section)."""
 
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ class JEPAModels:
 def param_groups(models: JEPAModels) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on weight matrices only, never on biases, norms, positional
     embeddings or mask tokens (I-JEPA's rule; the positional embeddings are frozen anyway)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for module in models.trainable():
         for name, p in module.named_parameters():
             if not p.requires_grad:
@@ -65,15 +66,23 @@ def ema_update_(target: list[torch.Tensor], online: list[torch.Tensor], momentum
     torch._foreach_lerp_(target, online, 1.0 - momentum)
 
 
+def rng_file(rank: int) -> str:
+    """The file of rank `rank`'s RNG states in a checkpoint folder (sharded strategies)."""
+    return f"rng_rank{rank}.pt"
+
+
 class Strategy(ABC):
     """One process's view of the distributed run."""
+
+    # Set by `setup`: the models as this strategy holds them, and the optimizer that it steps.
+    models: JEPAModels
+    optimizer: torch.optim.Optimizer
 
     def __init__(self) -> None:
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device("cpu")
-        self.optimizer: torch.optim.Optimizer | None = None
 
     @property
     def is_main(self) -> bool:

@@ -28,19 +28,15 @@
   partitions; every rank writes its part; paths are relative to the folder, so the Checkpointer's
   rename is safe; DeepSpeed also writes `latest` and `zero_to_fp32.py` there). Next to it:
   `ds_state.pt` (rank 0: format, world size, stage, the full fp32 EMA target and `extra`) and
-  `rng_rank{r}.pt` (every rank's RNG states).
+  `rng_rank{r}.pt` (every rank's RNG states). The layout and its offline reader (`pijepa export`)
+  are in deepspeed_checkpoint.py.
 - The DeepSpeed JSON (dist.deepspeed_config) holds the ZeRO settings; the keys that pijepa's
-  config already decides are derived from it: the batch keys from data.batch_size and
-  data.global_batch_size, gradient_clipping from optimization.clip_grad, bf16.enabled from
-  meta.use_bfloat16 (the one source of truth for precision). See ds_configs/README.md.
+  config already decides are derived from it (deepspeed_config.py; see ds_configs/README.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import json
 import logging
 import os
 import socket
@@ -53,113 +49,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, set_lr_wd
+from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, rng_file, set_lr_wd
+from pijepa.parallel.deepspeed_checkpoint import FORMAT, STATE_FILE, TAG, read_head
+from pijepa.parallel.deepspeed_config import (
+    build_ds_config,
+    read_ds_json,
+    resolve_ds_config_path,
+    target_ds_config,
+)
 from pijepa.parallel.options import DistConfig, RunShape, accumulation_steps
 from pijepa.parallel.single import pick_device
-from pijepa.runtime.errors import ConfigError
-from pijepa.runtime.log import console
-from pijepa.runtime.resources import resolve_packaged
-
-FORMAT = "pijepa-deepspeed-v1"
-STATE_FILE = "ds_state.pt"  # its presence identifies the layout (see pijepa/parallel/formats.py)
-TAG = "ds"  # DeepSpeed's checkpoint tag: the engine's files go to <step folder>/ds/
-BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
-
-
-def rng_file(rank: int) -> str:
-    return f"rng_rank{rank}.pt"
-
-
-# ---------------------------------------------------------------- the DeepSpeed JSON
-
-
-def resolve_ds_config_path(path: str) -> Path:
-    """dist.deepspeed_config as given (absolute, or relative to the working directory), else the
-    packaged JSON of that name (so the default `ds_configs/...` works from any directory and from
-    an installed wheel)."""
-    try:
-        return resolve_packaged(Path(path).expanduser(), kind="deepspeed")
-    except ConfigError as e:
-        raise ConfigError(f"dist.deepspeed_config: DeepSpeed config file not found: {e}") from None
-
-
-def read_ds_json(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read DeepSpeed config ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
-
-
-def build_ds_config(raw: dict[str, Any], source: str, *, micro_batch: int, accum: int, world: int,
-                    clip_grad: float, bf16: bool, zero_stage: int) -> tuple[dict[str, Any], list[str]]:
-    """The config handed to deepspeed.initialize, and warnings to print once.
-
-    Keys pijepa decides are written from its config; a JSON value for them must be "auto", absent
-    or equal (a disagreement would silently change the effective batch or the clipping)."""
-    ds = copy.deepcopy(raw)
-    ours = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accum,
-            "train_batch_size": micro_batch * accum * world}
-    why = {"train_micro_batch_size_per_gpu": "data.batch_size",
-           "gradient_accumulation_steps": "data.global_batch_size / (data.batch_size x ranks)",
-           "train_batch_size": f"data.batch_size {micro_batch} x accumulation {accum} x {world} ranks"}
-    for key in BATCH_KEYS:
-        given = ds.get(key, "auto")
-        if given != "auto" and (isinstance(given, bool) or given != ours[key]):
-            raise ConfigError(
-                f"{source}: {key} = {given!r} disagrees with this run's {ours[key]} ({why[key]}); "
-                f"set it to \"auto\" or remove it: pijepa derives DeepSpeed's batch keys from "
-                f"data.batch_size and data.global_batch_size")
-        ds[key] = ours[key]
-    given = ds.get("gradient_clipping", "auto")
-    if given != "auto" and (not isinstance(given, (int, float)) or float(given) != clip_grad):
-        raise ConfigError(f"{source}: gradient_clipping = {given!r} disagrees with optimization.clip_grad "
-                          f"= {clip_grad}; set it to \"auto\" or remove it")
-    ds["gradient_clipping"] = clip_grad
-    for section in ("optimizer", "scheduler"):
-        if section in ds:
-            raise ConfigError(f"{source}: remove the \"{section}\" section: pijepa builds AdamW and its "
-                              f"lr / weight-decay schedules from optimization.*")
-    fp16 = ds.get("fp16", {})
-    if isinstance(fp16, dict) and fp16.get("enabled") not in (None, False, "auto"):
-        raise ConfigError(f"{source}: fp16.enabled = {fp16.get('enabled')!r} is not supported; "
-                          f"pijepa trains in bf16 (meta.use_bfloat16: true) or fp32")
-    ds.pop("fp16", None)
-    notes = []
-    section = ds.get("bf16", {}) if isinstance(ds.get("bf16"), dict) else {}
-    given = section.get("enabled", "auto")
-    if given != "auto" and given != bf16:
-        notes.append(f"{source}: bf16.enabled = {json.dumps(given)} is overridden by meta.use_bfloat16 = "
-                        f"{str(bf16).lower()} (the one source of truth for precision): training in "
-                        f"{'bf16' if bf16 else 'fp32'}")
-    ds["bf16"] = {**section, "enabled": bf16}
-    if bf16:  # gradients accumulate over micro-steps in fp32 unless the JSON says otherwise
-        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
-    zero = dict(ds.get("zero_optimization", {}))
-    if zero_stage >= 0:
-        zero["stage"] = zero_stage
-    if zero.get("stage", 0) not in (1, 2, 3):
-        raise ConfigError(f"{source}: zero_optimization.stage = {zero.get('stage', 0)!r} is not supported; "
-                          f"expected 1, 2 or 3 (set dist.zero_stage to override; without ZeRO use "
-                          f"dist.strategy: ddp)")
-    ds["zero_optimization"] = zero
-    ds.setdefault("steps_per_print", 10**9)  # pijepa logs; DeepSpeed's own progress lines are noise
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds, notes
-
-
-def target_ds_config(ds: dict[str, Any]) -> dict[str, Any]:
-    """ZeRO-3 config of the EMA target's engine: fp32, no optimizer, every parameter partitioned
-    (a persistent, unpartitioned parameter would keep a full copy that partition updates miss)."""
-    zero = {k: v for k, v in ds["zero_optimization"].items() if k != "offload_optimizer"}
-    zero["stage3_param_persistence_threshold"] = 0
-    return {**{k: ds[k] for k in BATCH_KEYS}, "zero_optimization": zero, "bf16": {"enabled": False},
-            "steps_per_print": ds["steps_per_print"], "wall_clock_breakdown": False}
-
+from pijepa.runtime.errors import CheckpointError, LaunchError
+from pijepa.runtime.log import warn
 
 # ---------------------------------------------------------------- models
 
@@ -218,8 +119,8 @@ class DeepSpeedStrategy(Strategy):
         try:
             import deepspeed
         except ImportError:
-            raise ValueError("dist.strategy deepspeed needs the deepspeed package: "
-                             "pip install -e '.[deepspeed]'") from None
+            raise LaunchError("dist.strategy deepspeed needs the deepspeed package: "
+                              "pip install -e '.[deepspeed]'") from None
         from deepspeed.utils import logger as ds_logger
 
         if not os.environ.get("PIJEPA_DEBUG"):  # one console line per log step, from rank 0
@@ -228,9 +129,8 @@ class DeepSpeedStrategy(Strategy):
             warnings.filterwarnings("ignore", category=FutureWarning,
                                     message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`")
         deepspeed.init_distributed(verbose=False, timeout=timedelta(minutes=30))
-        if self.is_main:
-            for note in notes:
-                console(f"warning: {note}")
+        for note in notes:  # rank 0 prints them (pijepa.runtime.log)
+            warn(note)
 
     # ------------------------------------------------------------------ setup
 
@@ -351,11 +251,11 @@ class DeepSpeedStrategy(Strategy):
             try:
                 self.target_module.load_state_dict(state)
             except RuntimeError as e:
-                raise ValueError(f"{path}: target_encoder does not match this run's architecture: {e}") from None
+                raise CheckpointError(f"{path}: target_encoder does not match this run's architecture: {e}") from None
             return
         missing = sorted({n for n, _ in self.target_module.named_parameters()} - set(state))
         if missing:
-            raise ValueError(f"{path}: target_encoder lacks {missing[:5]}")
+            raise CheckpointError(f"{path}: target_encoder lacks {missing[:5]}")
         for name, p in self.target_module.named_parameters():
             # modifier_rank=0: rank 0's write is re-partitioned to every rank on exit (without a
             # modifier rank the gathered copy is discarded, and the write with it).
@@ -383,13 +283,13 @@ class DeepSpeedStrategy(Strategy):
         head = read_head(folder)
         for key, ours in (("world_size", self.world_size), ("zero_stage", self.stage)):
             if head[key] != ours:
-                raise ValueError(
+                raise CheckpointError(
                     f"{folder}: written with {key} {head[key]}, this run has {ours}; a DeepSpeed checkpoint "
                     f"resumes with the same ranks and ZeRO stage (pijepa export consolidates it for a new run)")
         load_path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
                                                    load_lr_scheduler_states=False)
         if load_path is None:
-            raise ValueError(f"{folder}: DeepSpeed found no checkpoint under tag {TAG!r}")
+            raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint under tag {TAG!r}")
         self._load_target(head["target_encoder"], folder / STATE_FILE)
         self._micro = 0
         extra = dict(head["extra"])
@@ -398,80 +298,3 @@ class DeepSpeedStrategy(Strategy):
             extra["rng"] = torch.load(rng, map_location="cpu", weights_only=True)
         self.barrier()
         return extra
-
-
-# ---------------------------------------------------------------- reading a checkpoint offline
-
-
-def read_head(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / STATE_FILE
-    if not path.is_file():
-        hint = " (it holds state.pt: written by dist.strategy single or ddp)" \
-            if (Path(folder) / "state.pt").is_file() else ""
-        raise ValueError(f"{folder}: not a DeepSpeed checkpoint of pijepa, no {STATE_FILE}{hint}")
-    head = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(head, dict) or head.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a pijepa DeepSpeed checkpoint (expected format {FORMAT})")
-    return head
-
-
-def is_deepspeed_checkpoint(folder: Path) -> bool:
-    return (Path(folder) / STATE_FILE).is_file()
-
-
-def read_full_state(folder: Path) -> dict[str, Any]:
-    """Full fp32 encoder / predictor / target state dicts, `extra` and the model description of a
-    checkpoint folder, in this one process (any world size at save time); for `pijepa export`.
-
-    The encoder and predictor come from the ZeRO fp32 master partitions, consolidated by
-    DeepSpeed's zero_to_fp32 (also in bf16 runs: the master weights, not their bf16 copies)."""
-    folder = Path(folder)
-    head = read_head(folder)
-    full = _fp32_master_weights(folder, head)
-    # Frozen parameters (the fixed sin-cos positional embeddings) have no fp32 master: ZeRO-1
-    # checkpoints leave them out of the consolidated dict and ZeRO-2/3 keep the module's copy (bf16
-    # in bf16 runs). The encoder's are taken from the fp32 EMA target (never updated, so equal to
-    # the encoder's), the predictor's from the module state that DeepSpeed saved.
-    frozen = set(head["frozen"])
-    full.update({f"encoder.{n}": v for n, v in head["target_encoder"].items() if f"encoder.{n}" in frozen})
-    module_state = None
-    for name in sorted(frozen - set(full)):
-        if module_state is None:
-            module_state = torch.load(folder / TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                                      weights_only=False)["module"]
-        full[name] = module_state[name]
-    parts: dict[str, dict[str, torch.Tensor]] = {"encoder": {}, "predictor": {}}
-    for name, tensor in full.items():
-        owner, _, rest = name.partition(".")
-        if owner not in parts:
-            raise ValueError(f"{folder}: unexpected parameter {name!r} in the DeepSpeed checkpoint")
-        parts[owner][rest] = tensor.float()
-    return {**parts, "target_encoder": head["target_encoder"], "extra": head["extra"],
-            "model": dict(head["extra"].get("model", {}))}
-
-
-def _fp32_master_weights(folder: Path, head: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 master weights of the trained parameters, by engine parameter name."""
-    if head.get("optimizer") == "BF16_Optimizer":  # ZeRO-1 + bf16 + fp32 gradient accumulation
-        return _merge_bf16_optimizer_partitions(folder / TAG)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(io.StringIO()):  # zero_to_fp32 narrates every step
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG))
-
-
-def _merge_bf16_optimizer_partitions(ds_dir: Path) -> dict[str, torch.Tensor]:
-    """DeepSpeed's BF16_Optimizer checkpoint, which zero_to_fp32 does not read: every rank's file
-    holds its fp32 partition of each param group and, per parameter name, the fragment of it that
-    the partition holds (offset, length). A parameter's fragments, in rank order, are its elements."""
-    files = sorted(ds_dir.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                   key=lambda f: int(f.name.split("_")[4]))
-    model_states = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    shapes = {name: shape for group in model_states["param_shapes"] for name, shape in group.items()}
-    pieces: dict[str, list[torch.Tensor]] = {}
-    for f in files:
-        state = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        for flat, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"]):
-            for name, fragment in mapping.items():
-                pieces.setdefault(name, []).append(flat.narrow(0, fragment.start, fragment.numel))
-    return {name: torch.cat(parts).view(shapes[name]) for name, parts in pieces.items()}

@@ -39,15 +39,17 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
-from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, set_lr_wd
+from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, rng_file, set_lr_wd
+from pijepa.parallel.formats import written_by
 from pijepa.parallel.options import DistConfig, RunShape
 from pijepa.parallel.parallelize import apply_ac, apply_compile, apply_fsdp, canonical_name
 from pijepa.parallel.single import pick_device
-from pijepa.runtime.errors import LaunchError
+from pijepa.runtime.errors import CheckpointError, ConfigError, LaunchError
 
 FORMAT = "pijepa-fsdp-v1"
 METADATA_FILE = ".metadata"  # written by DCP; its presence identifies the format
@@ -57,10 +59,6 @@ MODEL_PARTS = ("encoder", "predictor", "target_encoder")
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def rng_file(rank: int) -> str:
-    return f"rng_rank{rank}.pt"
-
-
 def build_mesh(device_type: str, world_size: int, sharding: str, hybrid_shard_size: int) -> DeviceMesh:
     """1-D ("shard",) mesh for full/grad_op; 2-D ("replicate", "shard") for hybrid, with
     `hybrid_shard_size` ranks per shard group (0: the ranks of one node, LOCAL_WORLD_SIZE)."""
@@ -68,8 +66,8 @@ def build_mesh(device_type: str, world_size: int, sharding: str, hybrid_shard_si
         return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
     shard = hybrid_shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if shard < 1 or world_size % shard:
-        raise ValueError(f"dist.hybrid_shard_size {shard} must divide the world size {world_size} "
-                         f"(0 means the ranks per node, LOCAL_WORLD_SIZE)")
+        raise ConfigError(f"dist.hybrid_shard_size {shard} must divide the world size {world_size} "
+                          f"(0 means the ranks per node, LOCAL_WORLD_SIZE)")
     return init_device_mesh(device_type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
@@ -87,7 +85,8 @@ class FSDPStrategy(Strategy):
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, timeout=timedelta(minutes=30))
-        self._ckpt_group = None  # a gloo group for async saves, apart from the training collectives
+        # A gloo group for async saves, apart from the training collectives.
+        self._ckpt_group: dist.ProcessGroup | None = None
         self._pending: Future | None = None
 
     # ------------------------------------------------------------------ setup
@@ -127,7 +126,8 @@ class FSDPStrategy(Strategy):
         self.optimizer = torch.optim.AdamW(param_groups(self.models), **optimizer_kwargs)
         self._check_ema_pairs()
         if c.async_checkpoint:
-            self._ckpt_group = dist.new_group(backend="gloo")
+            group = dist.new_group(backend="gloo")  # every rank is a member: a ProcessGroup
+            self._ckpt_group = group if isinstance(group, dist.ProcessGroup) else None
         return self.models
 
     # ------------------------------------------------------------------ step
@@ -191,7 +191,7 @@ class FSDPStrategy(Strategy):
 
     def _state_dict(self) -> dict[str, Any]:
         """Sharded (DTensor) state keyed by canonical names, for DCP to save into or load from."""
-        state = {name: get_model_state_dict(getattr(self.models, name)) for name in MODEL_PARTS}
+        state: dict[str, Any] = {name: get_model_state_dict(getattr(self.models, name)) for name in MODEL_PARTS}
         state["optimizer"] = get_optimizer_state_dict(self._optim_owner, self.optimizer, options=_OPTIM_OPTIONS)
         return state
 
@@ -207,7 +207,9 @@ class FSDPStrategy(Strategy):
         # The state is copied to CPU memory before async_save returns, so training may go on;
         # the files are written by a background thread. The Checkpointer renames the folder only
         # after the returned future is done on every rank.
-        self._pending = dcp.async_save(state, checkpoint_id=str(folder), process_group=self._ckpt_group)
+        saving = dcp.async_save(state, checkpoint_id=str(folder), process_group=self._ckpt_group)
+        # A Future, or (with a zero-overhead stager, not used here) both futures in a response.
+        self._pending = saving.upload_completion if isinstance(saving, AsyncSaveResponse) else saving
         return self._pending
 
     def wait(self) -> None:
@@ -218,18 +220,13 @@ class FSDPStrategy(Strategy):
 
     def load(self, folder: Path) -> dict[str, Any]:
         folder = Path(folder)
-        if not (folder / METADATA_FILE).is_file() or not (folder / EXTRA_FILE).is_file():
-            raise ValueError(f"{folder}: not an FSDP checkpoint (expected DCP {METADATA_FILE} and {EXTRA_FILE}); "
-                             f"dist.strategy fsdp resumes only from checkpoints written by fsdp")
-        head = torch.load(folder / EXTRA_FILE, map_location="cpu", weights_only=True)
-        if head.get("format") != FORMAT:
-            raise ValueError(f"{folder / EXTRA_FILE}: not a pijepa FSDP checkpoint (expected format {FORMAT})")
+        head = read_head(folder)
         state = self._state_dict()
         try:
             dcp.load(state, checkpoint_id=str(folder))
         except Exception as e:  # missing keys / shape mismatch: a checkpoint of another architecture
-            raise ValueError(f"{folder}: does not match this run's models and optimizer: "
-                             f"{str(e).strip().splitlines()[-1][:500]}") from None
+            raise CheckpointError(f"{folder}: does not match this run's models and optimizer: "
+                                  f"{str(e).strip().splitlines()[-1][:500]}") from None
         for name in MODEL_PARTS:
             set_model_state_dict(getattr(self.models, name), state[name])
         set_optimizer_state_dict(self._optim_owner, self.optimizer, state["optimizer"], options=_OPTIM_OPTIONS)
@@ -251,8 +248,20 @@ def read_full_state(folder: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     folder = Path(folder)
-    head = torch.load(folder / EXTRA_FILE, map_location="cpu", weights_only=True)
+    head = read_head(folder)
     with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent
         warnings.simplefilter("ignore")
         state = _load_state_dict_from_keys(set(MODEL_PARTS), checkpoint_id=str(folder))
     return {**{name: state[name] for name in MODEL_PARTS}, "extra": head["extra"]}
+
+
+def read_head(folder: Path) -> dict[str, Any]:
+    """`extra.pt` of an FSDP checkpoint folder; a folder of another strategy is a CheckpointError."""
+    if not (folder / METADATA_FILE).is_file() or not (folder / EXTRA_FILE).is_file():
+        raise CheckpointError(f"{folder}: not an FSDP checkpoint (expected DCP {METADATA_FILE} and {EXTRA_FILE})"
+                              f"{written_by(folder)}; dist.strategy fsdp resumes only from checkpoints written "
+                              f"by fsdp")
+    head = torch.load(folder / EXTRA_FILE, map_location="cpu", weights_only=True)
+    if not isinstance(head, dict) or head.get("format") != FORMAT:
+        raise CheckpointError(f"{folder / EXTRA_FILE}: not a pijepa FSDP checkpoint (expected format {FORMAT})")
+    return head

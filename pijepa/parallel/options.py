@@ -1,6 +1,6 @@
 """What a strategy is told: the `dist` config section (owned here, composed into pijepa.config)
 and the few facts of the run it needs besides (RunShape). The choices are Literal types, the one
-source of each list of names."""
+source of each list of names; bounds are declared with their fields (pijepa.runtime.schema)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from pijepa.runtime.errors import ConfigError
+from pijepa.runtime.schema import bounded
 
 StrategyName = Literal["single", "ddp", "fsdp", "deepspeed"]
 FsdpSharding = Literal["full", "grad_op", "hybrid"]
@@ -20,18 +21,20 @@ AC_MODES: tuple[str, ...] = get_args(ACMode)
 
 @dataclass
 class DistConfig:
-    strategy: StrategyName = "single"
+    strategy: StrategyName = "single"  # single (one process) | ddp | fsdp (FSDP2) | deepspeed
     # FSDP2 (fully_shard): full = reshard after forward (ZeRO-3 like); grad_op = keep parameters
     # unsharded between forward and backward (ZeRO-2 like); hybrid = shard within a node,
     # replicate across nodes over a 2-D mesh of hybrid_shard_size ranks per shard group.
     fsdp_sharding: FsdpSharding = "full"
-    hybrid_shard_size: int = 0  # ranks per shard group for hybrid; 0 = ranks per node (LOCAL_WORLD_SIZE)
-    activation_checkpointing: ACMode = "none"  # every ac_every-th block for selective
-    ac_every: int = 2
+    # ranks per shard group for hybrid; 0 = ranks per node (LOCAL_WORLD_SIZE)
+    hybrid_shard_size: int = bounded(0, min=0, expected="0 (ranks per node) or a positive divisor of the world size")
+    activation_checkpointing: ACMode = "none"  # none | full (every block) | selective (every ac_every-th)
+    ac_every: int = bounded(2, min=1)  # selective: checkpoint every ac_every-th block
     compile: bool = False  # torch.compile each transformer block
     async_checkpoint: bool = False  # FSDP: torch.distributed.checkpoint.async_save
     deepspeed_config: str = "ds_configs/zero2_bf16.json"  # path or packaged name; batch keys come from data.*
-    zero_stage: int = -1  # overrides the JSON's zero_optimization.stage when >= 0
+    # overrides the JSON's zero_optimization.stage when >= 0
+    zero_stage: int = bounded(-1, min=-1, max=3, expected="-1 (use the JSON's stage), 0, 1, 2 or 3")
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,15 @@ Every function works on any module that holds its transformer blocks in an `nn.M
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from pijepa.runtime.errors import ConfigError
 
 BLOCK_LISTS = ("blocks", "predictor_blocks")
 
@@ -46,7 +50,7 @@ def apply_ac(model: nn.Module, mode: str, every: int = 1) -> int:
     if mode == "none":
         return 0
     if mode not in ("full", "selective"):
-        raise ValueError(f"dist.activation_checkpointing {mode!r}: expected none, full or selective")
+        raise ConfigError(f"dist.activation_checkpointing {mode!r}: expected none, full or selective")
     step = 1 if mode == "full" else max(1, every)
     blocks = transformer_blocks(model)
     wrapped = 0
@@ -65,7 +69,8 @@ def apply_compile(model: nn.Module) -> None:
     reused by all of them, and compiling per block keeps FSDP's per-block collectives eager."""
     blocks = transformer_blocks(model)
     for i, block in enumerate(blocks):
-        blocks[i] = torch.compile(block)
+        # torch.compile of a module returns a module (OptimizedModule); its stub says "a callable".
+        blocks[i] = cast(nn.Module, torch.compile(block))
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy,

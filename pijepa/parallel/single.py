@@ -8,8 +8,11 @@ from typing import Any
 import torch
 
 from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, set_lr_wd
+from pijepa.parallel.formats import written_by
+from pijepa.runtime.errors import CheckpointError
 
 STATE_FILE = "state.pt"
+FORMAT = "pijepa-checkpoint-v1"
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -69,22 +72,20 @@ class SingleStrategy(Strategy):
 
     def save(self, folder: Path, extra: dict[str, Any]) -> None:
         if self.is_main:
-            torch.save({"format": "pijepa-checkpoint-v1", **self.state(), "extra": extra},
-                       folder / STATE_FILE)
+            torch.save({"format": FORMAT, **self.state(), "extra": extra}, folder / STATE_FILE)
         self.barrier()
 
     def load(self, folder: Path) -> dict[str, Any]:
-        path = folder / STATE_FILE
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != "pijepa-checkpoint-v1":
-            raise ValueError(f"{path}: not a pijepa checkpoint (expected format pijepa-checkpoint-v1)")
+        path = Path(folder) / STATE_FILE
+        state = read_state(path, self.device)
         for name in ("encoder", "predictor", "target_encoder"):
             try:
                 getattr(self.models, name).load_state_dict(state[name])
             except RuntimeError as e:  # torch lists every mismatch on its own line: show the first
                 problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
-                raise ValueError(f"{path}: {name} does not match this run's architecture "
-                                 f"({len(problems)} problem(s), first: {problems[0] if problems else e})") from None
+                first = problems[0] if problems else e
+                raise CheckpointError(f"{path}: {name} does not match this run's architecture "
+                                      f"({len(problems)} problem(s), first: {first})") from None
         self.optimizer.load_state_dict(state["optimizer"])
         return state["extra"]
 
@@ -92,8 +93,18 @@ class SingleStrategy(Strategy):
 def read_full_state(folder: Path) -> dict[str, Any]:
     """Encoder / predictor / target state dicts and `extra` of a checkpoint folder written by
     `SingleStrategy` or `DDPStrategy` (its `state.pt`); for `pijepa export`."""
-    path = Path(folder) / STATE_FILE
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != "pijepa-checkpoint-v1":
-        raise ValueError(f"{path}: not a pijepa checkpoint (expected format pijepa-checkpoint-v1)")
+    state = read_state(Path(folder) / STATE_FILE, torch.device("cpu"))
     return {name: state[name] for name in ("encoder", "predictor", "target_encoder", "extra")}
+
+
+def read_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """A `state.pt`, loaded with weights_only (a damaged file raises what torch.load raises: the
+    Checkpointer sets such a checkpoint aside); a folder of another strategy, or a file of another
+    kind, is a CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: not a checkpoint of dist.strategy single or ddp, no "
+                              f"{STATE_FILE}{written_by(path.parent)}")
+    state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a pijepa checkpoint (expected format {FORMAT})")
+    return state

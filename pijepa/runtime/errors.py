@@ -28,6 +28,15 @@ class CheckpointError(UserError):
     or format, or a path that holds no checkpoint."""
 
 
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A data file or folder that does not exist (still a FileNotFoundError for callers that catch
+    that)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint or encoder file that does not exist (still a FileNotFoundError)."""
+
+
 class LaunchError(UserError):
     """A launch that cannot work: a missing launcher environment, a missing optional package."""
 

@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from tqdm import tqdm
+
 LOGGER_NAME = "pijepa"
 
 
@@ -45,10 +47,12 @@ def get_logger(name: str | None = None) -> logging.Logger:
 
 
 class _Stderr:
-    """Writes to whatever sys.stderr is at the time (pytest's capture replaces it per test)."""
+    """Writes to whatever sys.stderr is at the time (pytest's capture replaces it per test),
+    through tqdm so that a progress bar on the terminal is cleared and redrawn around the line."""
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        tqdm.write(text, file=sys.stderr, end="")
+        return len(text)
 
     def flush(self) -> None:
         sys.stderr.flush()

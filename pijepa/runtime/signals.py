@@ -10,9 +10,13 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import Any, TypeAlias
 
 from pijepa.runtime.errors import NonFiniteError
 
@@ -23,13 +27,16 @@ NONFINITE_EXIT_CODE = NonFiniteError.exit_code
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
+# What signal.signal takes and returns: a function, SIG_DFL / SIG_IGN, or None (set outside Python).
+SignalHandler: TypeAlias = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
 
 class PreemptionFlag:
     """Records SIGTERM / SIGUSR1 while installed; restores the previous handlers on `uninstall`."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, SignalHandler] = {}
 
     def install(self) -> PreemptionFlag:
         if threading.current_thread() is threading.main_thread():  # signal() works only there
@@ -57,3 +64,26 @@ def ignore_preemption_signals(_worker_id: int = 0) -> None:
     trainer stops them when it exits (and they exit on their own when it dies)."""
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+_exit_hook_installed = False
+
+
+def stop_workers_at_exit() -> None:
+    """Called in the main process by the loaders that start workers with ignore_preemption_signals.
+
+    At interpreter exit, multiprocessing terminates its daemonic children with SIGTERM and then
+    joins them; workers that ignore SIGTERM would make that join wait forever whenever a loader
+    iterator is still alive at exit (e.g. kept by the traceback of an uncaught exception). atexit
+    runs the handlers registered last first, so this one (registered after multiprocessing's)
+    kills them before multiprocessing joins them: the main process is exiting anyway."""
+    global _exit_hook_installed
+    if not _exit_hook_installed:
+        atexit.register(_kill_daemonic_children)
+        _exit_hook_installed = True
+
+
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()

@@ -10,16 +10,19 @@ from torch.utils.data import Dataset
 
 from pijepa.config import Config
 from pijepa.data.folder import image_folder
-from pijepa.data.loader import build_step_loader
+from pijepa.data.loader import build_step_loader, dataset_len
 from pijepa.data.synthetic import SyntheticShapes
 from pijepa.data.transforms import build_train_transform
-from pijepa.data.wds import build_wds_loader, check_readers, resolve_shards
+from pijepa.data.wds import ShardSet, build_wds_loader, check_readers, resolve_shards
 from pijepa.losses import build_loss
 from pijepa.masks import MultiBlockMaskCollator
 from pijepa.models import build_encoder, build_predictor
 from pijepa.parallel import RunShape, Strategy, build_strategy
 from pijepa.parallel import options as parallel_options
 from pijepa.parallel.base import JEPAModels
+
+# What a run trains on: a map-style dataset, or (webdataset) the resolved shard list.
+TrainData = Dataset | ShardSet
 
 
 def build_models(cfg: Config) -> JEPAModels:
@@ -59,7 +62,7 @@ def build_collator(cfg: Config) -> MultiBlockMaskCollator:
         placement=k.placement, seed=cfg.meta.seed)
 
 
-def build_dataset(cfg: Config, world_size: int = 1) -> Dataset:
+def build_dataset(cfg: Config, world_size: int = 1) -> TrainData:
     """The map-style dataset, or for webdataset the resolved shard list (its len() is one epoch),
     checked up front so that bad shard settings stop the run before anything is written."""
     d = cfg.data
@@ -73,15 +76,21 @@ def build_dataset(cfg: Config, world_size: int = 1) -> Dataset:
                                image_size=max(d.crop_size, round(d.crop_size * 1.25)), seed=cfg.meta.seed)
     if d.dataset == "folder":
         return image_folder(Path(d.root_path) / d.image_folder)
-    raise ValueError(f"data.dataset {d.dataset!r} has no map-style loader")
+    raise ValueError(f"data.dataset {d.dataset!r} has no map-style loader")  # a bug: config validates names
 
 
-def build_train_loader(cfg: Config, dataset: Dataset, *, accum: int, world_size: int, rank: int,
+def epoch_samples(dataset: TrainData) -> int:
+    """Samples in one epoch: len() of the shard list (its indexed or configured epoch) or of the
+    map-style dataset."""
+    return len(dataset) if isinstance(dataset, ShardSet) else dataset_len(dataset)
+
+
+def build_train_loader(cfg: Config, dataset: TrainData, *, accum: int, world_size: int, rank: int,
                        start_step: int, total_steps: int, pin_memory: bool):
     d = cfg.data
     transform = build_train_transform(d.crop_size, d.crop_scale, d.use_horizontal_flip,
                                       d.use_color_distortion, d.color_jitter_strength, d.use_gaussian_blur)
-    if d.dataset == "webdataset":
+    if isinstance(dataset, ShardSet):  # data.dataset: webdataset
         steps_per_epoch = len(dataset) // (d.batch_size * accum * world_size)
         return build_wds_loader(dataset, transform, build_collator(cfg), mode=d.wds_mode, batch_size=d.batch_size,
                                 accum=accum, world_size=world_size, rank=rank, start_step=start_step,

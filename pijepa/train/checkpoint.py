@@ -10,14 +10,14 @@ On resume, `.tmp` folders (saves that were interrupted) are reported and removed
 complete checkpoint that loads is used: one that does not (a truncated or corrupt file, a pickle
 that `weights_only` loading refuses) is reported and renamed `step_XXXXXXXX.unreadable`, and the
 one before it is tried. A checkpoint that loads but belongs to another architecture or strategy
-(a ValueError from the strategy) stops the run instead: that is a configuration mistake.
+(a CheckpointError from the strategy) stops the run instead: that is a configuration mistake.
+The folder names and their listing are pijepa.parallel.formats' (export reads the same folders).
 """
 
 from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -28,9 +28,27 @@ import torch
 
 from pijepa.models.loading import describe_load_error
 from pijepa.parallel.base import Strategy
+from pijepa.parallel.formats import (
+    CHECKPOINTS_DIR,
+    LATEST_FILE,
+    step_dir_name,
+    step_folders,
+    unfinished_dir,
+    unfinished_step_folders,
+)
+from pijepa.runtime.atomic import atomic_write_text
+from pijepa.runtime.errors import CheckpointError, UserError
 from pijepa.runtime.log import warn
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+# A strategy's load raises a CheckpointError for a checkpoint it cannot use (another architecture,
+# strategy or format): the run stops, the user decides. A damaged file raises whatever torch.load,
+# DCP or DeepSpeed raise on it (RuntimeError for a truncated zip, UnpicklingError for a refused
+# pickle, KeyError / EOFError / OSError for garbage, ...): resume() sets that checkpoint aside and
+# tries the one before. A plain ValueError that is not a CheckpointError comes from a bug in the
+# loading code: it keeps its traceback and stops the run, as a ValueError always did here. Taking it
+# for "unreadable" instead would set aside every good checkpoint in turn and silently restart the
+# run from step 0.
+_BUG_ERRORS = (ValueError,)
 # Tests set this to make "killed while a checkpoint is being written" a point they can hit.
 _SAVE_DELAY_S = float(os.environ.get("PIJEPA_TEST_SAVE_DELAY_S", "0"))
 
@@ -57,16 +75,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 class Checkpointer:
     def __init__(self, run_dir: Path, strategy: Strategy, keep: int):
-        self.root = Path(run_dir) / "checkpoints"
+        self.root = Path(run_dir) / CHECKPOINTS_DIR
         self.strategy, self.keep = strategy, keep
         self._pending: tuple[Any, Path, Path] | None = None  # (handle, tmp, final) of an async save
 
     def complete(self) -> list[Path]:
         """Complete checkpoint folders, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-        return sorted(found, key=lambda p: p.name)
+        return step_folders(self.root)
 
     def latest(self) -> Path | None:
         done = self.complete()
@@ -74,8 +89,8 @@ class Checkpointer:
 
     def save(self, step: int, extra: dict[str, Any]) -> Path:
         self.wait()  # one save in flight at most
-        final = self.root / f"step_{step:08d}"
-        tmp = final.with_name(final.name + ".tmp")
+        final = self.root / step_dir_name(step)
+        tmp = unfinished_dir(final)
         if self.strategy.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -99,21 +114,27 @@ class Checkpointer:
         if self.strategy.is_main:
             if final.exists():  # a re-run of the same step after a resume: replace it
                 shutil.rmtree(final)
-            tmp.rename(final)
-            (self.root / "latest.tmp").write_text(final.name + "\n")
-            (self.root / "latest.tmp").replace(self.root / "latest")
+            tmp.rename(final)  # a folder: renamed as a whole, never rewritten (see the module docstring)
+            atomic_write_text(self.root / LATEST_FILE, final.name + "\n")
             for old in self.complete()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         self.strategy.barrier()
 
     def load(self, folder: Path) -> dict[str, Any]:
-        """Loads one given checkpoint (meta.read_checkpoint); any failure is a clear ValueError."""
+        """Loads one given checkpoint (meta.read_checkpoint); a checkpoint that cannot be used is a
+        CheckpointError (one line from the CLI)."""
+        if not Path(folder).is_dir():
+            what = "a file" if Path(folder).exists() else "no such folder"
+            raise CheckpointError(f"{folder}: {what}; meta.read_checkpoint names a checkpoint folder "
+                                  f"(a step_XXXXXXXX folder of a run's {CHECKPOINTS_DIR}/)")
         try:
             extra = self.strategy.load(folder)
-        except (ValueError, FileNotFoundError):
+        except UserError:
             raise
-        except Exception as e:
-            raise ValueError(f"{folder}: not a readable checkpoint ({describe_load_error(e)})") from None
+        except _BUG_ERRORS:
+            raise  # a bug keeps its traceback (see _BUG_ERRORS)
+        except Exception as e:  # truncated, corrupt, or refused by weights_only loading
+            raise CheckpointError(f"{folder}: not a readable checkpoint ({describe_load_error(e)})") from None
         set_rng_state(extra["rng"])
         return extra
 
@@ -124,8 +145,10 @@ class Checkpointer:
             error: Exception | None = None
             try:
                 extra = self.strategy.load(folder)
-            except ValueError:
-                raise  # another architecture / strategy: the user has to decide, not us
+            except UserError:
+                raise  # another architecture / strategy (CheckpointError): the user has to decide, not us
+            except _BUG_ERRORS:
+                raise  # a bug keeps its traceback (see _BUG_ERRORS)
             except Exception as e:  # truncated, corrupt, or refused by weights_only loading
                 error = e
             if not self.strategy.any_rank(error is not None):
@@ -135,8 +158,8 @@ class Checkpointer:
         return None
 
     def _remove_incomplete(self) -> None:
-        if self.strategy.is_main and self.root.is_dir():
-            for tmp in sorted(self.root.glob("step_*.tmp")):
+        if self.strategy.is_main:
+            for tmp in unfinished_step_folders(self.root):
                 warn(f"removing incomplete checkpoint {tmp} (its save was interrupted)")
                 shutil.rmtree(tmp, ignore_errors=True)
         self.strategy.barrier()

@@ -24,6 +24,7 @@ from pijepa.train.build import (
     build_models,
     build_strategy_for,
     build_train_loader,
+    epoch_samples,
     loader_counters,
     loader_state,
     model_entry,
@@ -43,9 +44,10 @@ class Trainer:
         self.accum = accumulation_steps(cfg, world)
         self.global_batch = cfg.data.batch_size * self.accum * world
         self.dataset = build_dataset(cfg, world)
-        self.steps_per_epoch = len(self.dataset) // self.global_batch
+        samples = epoch_samples(self.dataset)
+        self.steps_per_epoch = samples // self.global_batch
         if self.steps_per_epoch == 0:
-            raise DataError(f"the dataset has {len(self.dataset)} images, fewer than one optimizer step "
+            raise DataError(f"the dataset has {samples} images, fewer than one optimizer step "
                              f"of data.global_batch_size {self.global_batch}")
         self.total_steps = cfg.optimization.epochs * self.steps_per_epoch
         if cfg.optimization.max_steps:
@@ -78,9 +80,9 @@ class Trainer:
         meta.read_checkpoint if asked (that one must load: a mistake there is the user's)."""
         self._resumed: dict[str, Any] = {}
         found = self.checkpointer.resume()
-        if found is None and self.cfg.meta.load_checkpoint:
-            folder = Path(self.cfg.meta.read_checkpoint)
-            found = folder, self.checkpointer.load(folder)
+        read = self.cfg.meta.read_checkpoint  # set whenever meta.load_checkpoint is (config checks it)
+        if found is None and self.cfg.meta.load_checkpoint and read:
+            found = Path(read), self.checkpointer.load(Path(read))
         if found is None:
             return 0
         folder, self._resumed = found
@@ -216,8 +218,8 @@ class Trainer:
     def _scalars(self, loss, parts, grad_norm, steps: int, elapsed: float) -> dict[str, float]:
         # One host sync per log step: the values are reduced and read only here.
         s = self.strategy
-        values = torch.stack([loss, *parts.values(), grad_norm.float().to(loss.device)])
-        values = s.reduce_mean(values).tolist()
+        stacked = torch.stack([loss, *parts.values(), grad_norm.float().to(loss.device)])
+        values = s.reduce_mean(stacked).tolist()
         step = self.step
         scalars = {"loss": values[0], **{f"loss_{n}": v for n, v in zip(parts, values[1:-1])},
                    "grad_norm": values[-1], "lr": self.schedules.lr_at(step),

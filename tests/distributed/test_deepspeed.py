@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from pijepa.config import ConfigError, load_config
-from pijepa.parallel.deepspeed import build_ds_config, read_full_state
+from pijepa.parallel.deepspeed_checkpoint import read_full_state
+from pijepa.parallel.deepspeed_config import build_ds_config
 from pijepa.train.build import build_models
 from tests.conftest import REPO, TINY_OVERRIDES, run_cli
 from tests.conftest import free_port as conftest_free_port

@@ -52,6 +52,31 @@ def test_reproduce_smoke_writes_table_and_plots(tmp_path, data_dir):
     assert "[train/" not in r.stderr and "[features/" not in r.stderr
     assert json.loads((out / "timings.json").read_text())["train/L2_s0"] == timings["train/L2_s0"]
 
+    # commands.sh lists exactly the argv each stage ran: every training log starts with its line.
+    script = (out / "commands.sh").read_text().splitlines()
+    assert any(line.startswith("pijepa train --config cifar10_reproduce ") for line in script)
+    for run in ("L2_s0", "L2_PKT_s0"):
+        ran = (out / "runs" / run / "train.log").read_text().splitlines()[0].removeprefix("$ ")
+        assert ran in script, ran
+    for kind in ("pijepa shards write ", "pijepa export ", "pijepa features ", "pijepa eval knn ",
+                 "pijepa eval linear "):
+        assert any(line.startswith(kind) for line in script), kind
+
+    # Without --docs the report goes to --out (never into the repository's docs/).
+    r = run_cli(*args[:-4], "--data", str(data_dir), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "results.md").is_file() and (out / "results_accuracy.png").is_file()
+    assert "[train/" not in r.stderr
+
+
+def test_reproduce_missing_data_is_one_line(tmp_path):
+    missing = tmp_path / "nothing"
+    r = run_cli("reproduce", "--smoke", "--out", str(tmp_path / "out"), "--data", str(missing), timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"pijepa reproduce: error: {missing}: no such folder (--data names the folder "
+                                "holding cifar10/ and intel-scenes/; default ../shared/data)"), r.stderr
+    assert not (tmp_path / "out").exists()
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_reproduce_device_cuda_without_cuda_fails_before_any_work(tmp_path, data_dir):

@@ -15,7 +15,7 @@ from pijepa.data.shards import write_shards
 from pijepa.data.transforms import build_eval_transform
 from pijepa.eval import features as F
 from pijepa.eval.datasets import EvalImages, Sample, limit_samples, list_images
-from pijepa.eval.features_io import load_features
+from pijepa.eval.features_io import load_features, save_features
 from pijepa.models import VisionTransformer, build_predictor
 
 IMG, PATCH = 32, 8
@@ -243,3 +243,44 @@ def test_bad_inputs_give_one_line(checkpoint, tmp_path, capsys):
     assert main(["eval", "knn", "--train", str(tmp_path / "a.pt"), "--test", str(tmp_path / "b.pt")]) == 2
     assert "feature file not found" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_bad_files_and_values_give_one_line(checkpoint, tmp_path, capsys):
+    def one_line(argv: list[str], *expected: str) -> None:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        command = " ".join(argv[:2]) if argv[0] == "eval" else argv[0]
+        assert err.count("\n") == 1 and err.startswith(f"pijepa {command}: error: "), err
+        assert all(text in err for text in expected), err
+
+    out = str(tmp_path / "x.pt")
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    (data / "cat" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a checkpoint\n")
+    one_line(["features", "--encoder", str(notes), "--data", str(data), "--out", out],
+             "notes.txt", "not a PyTorch checkpoint")
+    one_line(["features", "--encoder", str(tmp_path / "absent.pt"), "--data", str(data), "--out", out],
+             "checkpoint file not found", "absent.pt")
+    one_line(["features", "--encoder", str(checkpoint), "--data", str(data), "--out", out, "--img-size", "30"],
+             "--img-size 30")
+    # Decoded in a DataLoader worker, which re-raises with its traceback in the message: cut to one line.
+    one_line(["features", "--encoder", str(checkpoint), "--data", str(data), "--out", out,
+              "--workers", "1", "--no-progress"], "broken.jpg", "cannot decode")
+    assert not (tmp_path / "x.pt").exists()
+
+    labels = torch.tensor([0, 1, 0, 1])
+    save_features(tmp_path / "a.pt", torch.randn(4, 8), labels, ["x", "y"], {})
+    save_features(tmp_path / "b.pt", torch.randn(4, 16), labels, ["x", "y"], {})
+    for command in ("knn", "linear"):
+        one_line(["eval", command, "--train", str(tmp_path / "a.pt"), "--test", str(tmp_path / "b.pt")],
+                 "a.pt has 8-dim features", "b.pt has 16-dim")
+        one_line(["eval", command, "--train", str(tmp_path / "a.pt"), "--test", str(notes)], "notes.txt")
+    one_line(["eval", "knn", "--train", str(tmp_path / "a.pt"), "--test", str(tmp_path / "a.pt"),
+              "--temperature", "0"], "temperature must be > 0")
+    one_line(["eval", "linear", "--train", str(tmp_path / "a.pt"), "--test", str(tmp_path / "a.pt"),
+              "--val-fraction", "1.5"], "val_fraction must be in (0, 1)")
+    with pytest.raises(SystemExit) as info:  # argparse's own error (usage, then one line)
+        main(["eval", "knn", "--train", "a.pt", "--test", "b.pt", "--device", "gpu7"])
+    assert info.value.code == 2 and "expected a device such as cpu" in capsys.readouterr().err

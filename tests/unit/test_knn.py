@@ -9,6 +9,7 @@ import torch
 
 from pijepa.eval.features_io import FORMAT, load_features, save_features
 from pijepa.eval.knn import format_table, knn_classify, knn_predict, run_knn
+from pijepa.runtime.errors import ConfigError, DataError
 
 
 def separable(n_per_class: int, num_classes: int, dim: int, seed: int, noise: float = 0.05):
@@ -184,6 +185,24 @@ def test_run_knn_from_files_and_table(tmp_path):
         run_knn(tmp_path / "train.pt", tmp_path / "other.pt")
 
 
+def test_mismatched_or_empty_feature_files_are_data_errors(tmp_path):
+    feats, labels = separable(10, 2, 8, seed=7)
+    save_features(tmp_path / "train.pt", feats, labels, ["a", "b"], {})
+    save_features(tmp_path / "wide.pt", torch.cat([feats, feats], 1), labels, ["a", "b"], {})
+    save_features(tmp_path / "empty.pt", feats[:0], labels[:0], ["a", "b"], {})
+    with pytest.raises(DataError, match=r"train.pt has 8-dim features but .*wide.pt has 16-dim"):
+        run_knn(tmp_path / "train.pt", tmp_path / "wide.pt")
+    with pytest.raises(DataError, match="empty.pt: holds no samples"):
+        run_knn(tmp_path / "train.pt", tmp_path / "empty.pt")
+    with pytest.raises(DataError, match="class lists"):
+        save_features(tmp_path / "other.pt", feats, labels, ["b", "a"], {})
+        run_knn(tmp_path / "train.pt", tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="temperature"):
+        run_knn(tmp_path / "train.pt", tmp_path / "train.pt", temperature=0.0)
+    with pytest.raises(ConfigError, match="ks"):
+        run_knn(tmp_path / "train.pt", tmp_path / "train.pt", ks=(0,))
+
+
 # --------------------------------------------------------------------------------------------
 # Feature files
 # --------------------------------------------------------------------------------------------
@@ -224,6 +243,10 @@ def test_bad_feature_files(tmp_path):
 
     with pytest.raises(FileNotFoundError):
         load_features(tmp_path / "missing.pt")
+    # The user's file is wrong, not our code: every one of these reaches the CLI as one line.
+    for bad in (junk, wrong, inconsistent):
+        with pytest.raises(DataError):
+            load_features(bad)
 
 
 def test_save_rejects_bad_inputs(tmp_path):

@@ -123,10 +123,26 @@ def test_modules_and_functions_are_of_a_readable_size():
     assert not long_modules and not long_functions, "\n".join(long_modules + long_functions)
 
 
+def _tool(name: str) -> Path:
+    tool = Path(sys.executable).with_name(name)
+    if not tool.exists():
+        pytest.skip(f"{name} is not installed in this environment (pip install -e '.[dev]')")
+    return tool
+
+
+def test_ruff_passes():
+    r = subprocess.run([str(_tool("ruff")), "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
+
+
+def test_mypy_passes():
+    """mypy over the package (settings in mypy.ini)."""
+    r = subprocess.run([str(_tool("mypy"))], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+
+
 def test_ruff_sees_every_python_file():
-    ruff = Path(sys.executable).with_name("ruff")
-    if not ruff.exists():
-        pytest.skip("ruff is not installed in this environment")
+    ruff = _tool("ruff")
     shown = subprocess.run([str(ruff), "check", "--show-files", "."], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout
     seen = {Path(line.strip()).resolve() for line in shown.splitlines() if line.strip().endswith(".py")}

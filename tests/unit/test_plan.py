@@ -22,10 +22,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from pijepa.commands import plan as plan_command
 from pijepa.config import load_config
 from pijepa.masks import MultiBlockMaskCollator
 from pijepa.models import Block
+from pijepa.plan import activations as A
+from pijepa.plan import costs as C
+from pijepa.plan import hardware as H
+from pijepa.plan import memory as M
 from pijepa.plan import planner as P
+from pijepa.plan import report as R
+from pijepa.plan import shapes as S
 from tests.conftest import REPO
 
 MiB = 2**20
@@ -81,8 +88,8 @@ def test_block_saved_bytes_match_autograd(bf16: bool, attn: str) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         seen, _ = saved_storages(lambda: block(x), storage_ptrs(block))
     measured = sum(b for b, *_ in seen.values()) - weight_cast_bytes(seen, block)
-    tower = P.Tower(width=192, depth=1, heads=3, hidden=768, block_params=0)
-    predicted = P.block_saved_bytes(batch, tokens, tower, P.precision("single", bf16), attn)
+    tower = S.Tower(width=192, depth=1, heads=3, hidden=768, block_params=0)
+    predicted = A.block_saved_bytes(batch, tokens, tower, C.precision("single", bf16), attn)
     assert predicted == pytest.approx(measured, rel=0.01)
 
 
@@ -111,9 +118,9 @@ def test_forward_saved_bytes_match_model(tiny_models_64px, bf16: bool) -> None:
                                       params | set(enc_seen))
         loss_seen, _ = saved_storages(lambda: loss_fn(z, h, masks_pred),
                                       params | set(enc_seen) | set(pred_seen) | {z.untyped_storage().data_ptr()})
-    shape = P.model_shape("vit_tiny", 8, 64, 6, 96)
-    tokens = P.Tokens(masks_enc.shape[-1], masks_pred.shape[-1], masks_pred.shape[0])
-    act = P.activation_bytes(shape, batch, tokens, P.precision("single", bf16))
+    shape = S.model_shape("vit_tiny", 8, 64, 6, 96)
+    tokens = S.Tokens(masks_enc.shape[-1], masks_pred.shape[-1], masks_pred.shape[0])
+    act = A.activation_bytes(shape, batch, tokens, C.precision("single", bf16))
     encoder = sum(b for b, *_ in enc_seen.values()) - weight_cast_bytes(enc_seen, models.encoder)
     predictor = (sum(b for b, *_ in pred_seen.values()) - weight_cast_bytes(pred_seen, models.predictor)
                  + z.untyped_storage().nbytes())  # the model counts the predictions with the predictor
@@ -129,12 +136,12 @@ def test_forward_saved_bytes_match_model(tiny_models_64px, bf16: bool) -> None:
 
 def test_encoder_depth_reaches_the_plan() -> None:
     # meta.encoder_depth cuts the encoder; the plan must count the blocks that are really built.
-    full = P.model_shape("vit_tiny", 8, 64, 6, 96)
-    cut = P.model_shape("vit_tiny", 8, 64, 6, 96, encoder_depth=4)
+    full = S.model_shape("vit_tiny", 8, 64, 6, 96)
+    cut = S.model_shape("vit_tiny", 8, 64, 6, 96, encoder_depth=4)
     assert (full.encoder.depth, cut.encoder.depth) == (12, 4)
     assert full.encoder_params - cut.encoder_params == 8 * full.encoder.block_params
     cfg = load_config(REPO / "configs" / "cifar10_reproduce.yaml")
-    context = P.build_context(cfg, next(iter(P.GPUS)), 1, 0.5, None, steps=2)
+    context = P.build_context(cfg, next(iter(H.GPUS)), 1, 0.5, None, steps=2)
     assert cfg.meta.encoder_depth == 4 and context.shape.encoder.depth == 4
 
 
@@ -146,12 +153,12 @@ PERF_MD_H200_PEAK_GIB = {32: 16.4, 64: 20.7, 128: 31.4, 256: 52.0}
 
 @pytest.mark.parametrize("batch", sorted(PERF_MD_H200_PEAK_GIB))
 def test_model_matches_h200_peaks_in_perf_md(batch: int) -> None:
-    shape = P.model_shape("vit_huge", 14, 224, 12, 384)
+    shape = S.model_shape("vit_huge", 14, 224, 12, 384)
     masks_enc, masks_pred = MultiBlockMaskCollator(input_size=224, patch_size=14, seed=0).sample_masks(batch, 0)
-    tokens = P.Tokens(masks_enc.shape[-1], masks_pred.shape[-1], masks_pred.shape[0])
-    mem = P.estimate_memory(shape, batch, tokens, "single", bf16=True, device="cuda")
+    tokens = S.Tokens(masks_enc.shape[-1], masks_pred.shape[-1], masks_pred.shape[0])
+    mem = M.estimate_memory(shape, batch, tokens, "single", bf16=True, device="cuda")
     # max_memory_allocated counts tensors only: compare without the CUDA / allocator margin.
-    assert mem.tensors / P.GiB == pytest.approx(PERF_MD_H200_PEAK_GIB[batch], rel=0.10)
+    assert mem.tensors / H.GiB == pytest.approx(PERF_MD_H200_PEAK_GIB[batch], rel=0.10)
     assert mem.peak_phase == "loss"
 
 
@@ -240,10 +247,10 @@ def measure_cpu_peaks(cases: list[dict]) -> list[dict]:
 def predicted_cpu(case: dict) -> dict[str, float]:
     """The model's numbers for a measured case, in MiB: resident state, the step's increment over
     `before` (state and the input batch already there) and the total over the process baseline."""
-    shape = P.model_shape(case["model"], case["patch"], case["img"], case["pred_depth"], case["pred_dim"])
-    tokens = P.Tokens(case["ctx"], case["tgt"], 4)
-    mem = P.estimate_memory(shape, case["batch"], tokens, "single", ac=case["ac"], bf16=False, device="cpu")
-    act = P.activation_bytes(shape, case["batch"], tokens, P.precision("single", False), case["ac"])
+    shape = S.model_shape(case["model"], case["patch"], case["img"], case["pred_depth"], case["pred_dim"])
+    tokens = S.Tokens(case["ctx"], case["tgt"], 4)
+    mem = M.estimate_memory(shape, case["batch"], tokens, "single", ac=case["ac"], bf16=False, device="cpu")
+    act = A.activation_bytes(shape, case["batch"], tokens, C.precision("single", False), case["ac"])
     resident = mem.params + mem.optimizer + mem.ema
     peak = max(mem.phases.values())
     return {"resident": resident / MiB, "increment": (peak - resident - act.inputs) / MiB, "total": peak / MiB,
@@ -282,10 +289,10 @@ def test_model_matches_measured_cpu_peak_memory() -> None:
 # ----------------------------------------------------------------------------- state formulas
 
 
-def toy_shape() -> P.ModelShape:
+def toy_shape() -> S.ModelShape:
     """Round numbers: encoder 1000 parameters (10 of them a frozen positional table), predictor 100."""
-    tower = P.Tower(width=8, depth=2, heads=2, hidden=32, block_params=40)
-    return P.ModelShape(encoder=tower, predictor=tower, encoder_params=1000, predictor_params=100,
+    tower = S.Tower(width=8, depth=2, heads=2, hidden=32, block_params=40)
+    return S.ModelShape(encoder=tower, predictor=tower, encoder_params=1000, predictor_params=100,
                         trainable_params=1090, encoder_trainable=990, largest_param=64, num_patches=4,
                         image_size=(16, 16), patch_size=8)
 
@@ -294,7 +301,7 @@ def test_state_per_strategy_follows_the_documented_accounting() -> None:
     s, psi, p, pe, n = toy_shape(), 1090, 1100, 1000, 4
 
     def state(strategy, accum=1, bf16=True, shards=n):
-        return P.state_bytes(s, strategy, shards, accum, bf16, ds=P.DSSettings())
+        return C.state_bytes(s, strategy, shards, accum, bf16, ds=C.DSSettings())
 
     single = state("single", shards=1)
     assert (single.params, single.optimizer, single.ema, single.grads_step) == (4 * p, 8 * psi, 4 * pe, 4 * psi)
@@ -318,21 +325,21 @@ def test_state_per_strategy_follows_the_documented_accounting() -> None:
 def test_communication_volumes() -> None:
     s, psi, p, pe, n = toy_shape(), 1090, 1100, 1000, 4
     ring = (n - 1) / n
-    assert P.communication_bytes(s, "single", 1, 1, True).total == 0
-    assert P.communication_bytes(s, "ddp", n, 4, True).all_reduce == pytest.approx(2 * ring * 4 * psi)
-    full = P.communication_bytes(s, "fsdp_full", n, 3, True)
+    assert C.communication_bytes(s, "single", 1, 1, True).total == 0
+    assert C.communication_bytes(s, "ddp", n, 4, True).all_reduce == pytest.approx(2 * ring * 4 * psi)
+    full = C.communication_bytes(s, "fsdp_full", n, 3, True)
     assert full.all_gather == pytest.approx(3 * ring * 2 * (2 * p + pe))  # fwd, bwd, target; per micro-step
     assert full.reduce_scatter == pytest.approx(ring * 4 * psi)  # once per step
-    grad_op = P.communication_bytes(s, "fsdp_grad_op", n, 3, True)
+    grad_op = C.communication_bytes(s, "fsdp_grad_op", n, 3, True)
     assert grad_op.all_gather == pytest.approx(3 * ring * 2 * (p + pe))
-    z2 = P.communication_bytes(s, "zero2", n, 3, True)
+    z2 = C.communication_bytes(s, "zero2", n, 3, True)
     assert z2.reduce_scatter == pytest.approx(3 * ring * 2 * psi) and z2.all_gather == pytest.approx(ring * 2 * p)
 
 
 def test_checkpointing_orders_memory() -> None:
-    shape = P.model_shape("vit_huge", 14, 224, 12, 384)
-    tokens = P.Tokens(80, 44, 4)
-    totals = {ac: P.estimate_memory(shape, 64, tokens, "fsdp_full", shards=16, ac=ac).total
+    shape = S.model_shape("vit_huge", 14, 224, 12, 384)
+    tokens = S.Tokens(80, 44, 4)
+    totals = {ac: M.estimate_memory(shape, 64, tokens, "fsdp_full", shards=16, ac=ac).total
               for ac in ("none", "selective", "full")}
     assert totals["full"] < totals["selective"] < totals["none"]
 
@@ -342,11 +349,11 @@ def test_checkpointing_orders_memory() -> None:
 
 def test_mask_tokens_context_shrinks_with_the_micro_batch() -> None:
     ctx = torch.tensor([[9, 3, 7, 5], [8, 6, 4, 10]])
-    t = P.MaskTokens(ctx, torch.tensor([4, 6]), num_targets=4)
-    assert t.worst(1) == P.Tokens(10, 6, 4) and t.mean(1).ctx == pytest.approx(52 / 8)
+    t = S.MaskTokens(ctx, torch.tensor([4, 6]), num_targets=4)
+    assert t.worst(1) == S.Tokens(10, 6, 4) and t.mean(1).ctx == pytest.approx(52 / 8)
     assert t.worst(2).ctx == 6 and t.mean(2).ctx == pytest.approx((3 + 5 + 6 + 4) / 4)  # minima of pairs
     assert t.worst(4).ctx == 4 and t.worst(64).ctx == 4  # beyond the draw: the whole drawn batch
-    real = P.MaskTokens.from_config(load_config("configs/in1k_vith14_ep300.yaml"), 32, steps=3)
+    real = S.MaskTokens.from_config(load_config("configs/in1k_vith14_ep300.yaml"), 32, steps=3)
     worst = [real.worst(b).ctx for b in (1, 4, 32)]
     assert worst == sorted(worst, reverse=True) and real.mean(32).ctx <= real.worst(32).ctx <= 256
 
@@ -366,17 +373,17 @@ def recipe_plans() -> dict[str, dict]:
 def test_recipes_reach_batch_2048_on_16_a100_80gb(recipe_plans, path: str) -> None:
     plan = recipe_plans[path]
     fitting = [r for r in plan["rows"] if r.fits]
-    assert fitting, P.format_plan(plan, path)
+    assert fitting, R.format_plan(plan, path)
     for r in fitting:
         assert r.micro_batch * r.accumulation * 16 == 2048
-        assert r.memory.total <= P.GPUS["a100-80gb"].memory
+        assert r.memory.total <= H.GPUS["a100-80gb"].memory
     # Checkpointed, fully sharded training always fits these models; the fastest row comes first
     # among the fitting ones, and checkpointing costs the recomputed forward.
     rows = {(r.strategy, r.ac): r for r in plan["rows"]}
     assert rows[("fsdp_full", "full")].fits
     assert plan["best"] is not None and plan["best"].step_time_s == min(r.step_time_s for r in fitting)
     assert rows[("fsdp_full", "full")].step_flops > rows[("fsdp_full", "none")].step_flops
-    text = P.format_plan(plan, path)
+    text = R.format_plan(plan, path)
     assert "FSDP full" in text and "ZeRO-3" in text and "fastest that fits" in text
 
 
@@ -390,16 +397,16 @@ def test_max_micro_batch_is_the_edge_of_fitting(recipe_plans) -> None:
 
 
 def test_nothing_fits_on_a_tiny_gpu(monkeypatch) -> None:
-    monkeypatch.setitem(P.GPUS, "tiny", P.GPUSpec("tiny", 1 * P.GiB, 1e12))
+    monkeypatch.setitem(H.GPUS, "tiny", H.GPUSpec("tiny", 1 * H.GiB, 1e12))
     plan = P.make_plan(load_config(REPO / RECIPES[0]), "tiny", 16, 0.4, 2048, steps=2)
     assert not any(r.fits for r in plan["rows"]) and plan["best"] is None
     assert all(r.max_micro_batch == 0 and r.micro_batch is None for r in plan["rows"])
-    assert "nothing fits" in P.format_plan(plan, RECIPES[0])
+    assert "nothing fits" in R.format_plan(plan, RECIPES[0])
 
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pijepa")
-    P.add_arguments(parser.add_subparsers(dest="command"))
+    plan_command.register(parser.add_subparsers(dest="command"))
     return parser.parse_args(list(argv))
 
 
@@ -407,7 +414,7 @@ def test_cli_table_and_json(capsys) -> None:
     config = str(REPO / "configs/cpu_default.yaml")
     args = parse("plan", "--config", config, "--gpus", "2", "--gpu", "h100-80gb", "--set", "data.batch_size=16",
                  "--global-batch", "64")
-    assert args.run is P.run_plan
+    assert args.run is plan_command.run_plan
     args.run(args)
     table = capsys.readouterr().out
     assert "H100" in table and "DDP" in table and "as configured" in table
@@ -415,7 +422,7 @@ def test_cli_table_and_json(capsys) -> None:
     args.run(args)
     out = json.loads(capsys.readouterr().out)
     assert out["per_gpu_batch"] * 2 == out["global_batch"]
-    assert {r["strategy"] for r in out["rows"]} == set(P.PLAN_STRATEGIES)
+    assert {r["strategy"] for r in out["rows"]} == set(C.PLAN_STRATEGIES)
     for r in out["rows"]:
         mem = r["memory_bytes"]
         parts = sum(mem[k] for k in ("params", "grads", "optimizer", "ema", "activations", "transient"))
@@ -434,12 +441,33 @@ def test_step_flops_reuse_bench_step_and_add_the_recomputation() -> None:
     from pijepa.bench.step import step_flops, transformer_flops
 
     args = ("vit_huge", 14, 224, 12, 384)
-    encoder, predictor = P.meta_models(*args)
-    tokens = P.Tokens(56, 54, 4)
-    none = P.micro_step_flops(args, 128, tokens, "none", 2, P.LossSpec())
+    encoder, predictor = S.meta_models(*args)
+    tokens = S.Tokens(56, 54, 4)
+    none = P.micro_step_flops(args, 128, tokens, "none", 2, A.LossSpec())
     assert none == step_flops(encoder, predictor, 128, 56, 54, 4, 256)
-    full = P.micro_step_flops(args, 128, tokens, "full", 2, P.LossSpec())
+    full = P.micro_step_flops(args, 128, tokens, "full", 2, A.LossSpec())
     recompute = (transformer_flops(56, 128, 1280, 32, 5120) + transformer_flops(110, 512, 384, 12, 1536))
     assert full - none == pytest.approx(recompute)
     # docs/perf.md: this step at batch 128 ran at 35.9% MFU of a measured 732-762 TFLOP/s in 0.284 s.
     assert none == pytest.approx(0.359 * 747e12 * 0.284, rel=0.05)
+
+
+def test_every_dist_strategy_has_a_cost_model() -> None:
+    from pijepa.parallel.options import STRATEGIES, DistConfig
+
+    assert set(C.CONFIGURED) == set(STRATEGIES)
+    assert all(name == model.name for name, model in C.COST_MODELS.items())
+    for strategy in STRATEGIES:
+        name, shards = C.configured_strategy(DistConfig(strategy=strategy), 16)
+        assert name in C.COST_MODELS and 1 <= shards <= 16
+
+
+def test_deepspeed_config_resolves_like_training() -> None:
+    from pijepa.parallel.options import DistConfig
+    from pijepa.runtime.errors import ConfigError
+
+    for given in ("zero3_fp32", "ds_configs/zero3_fp32.json", str(REPO / "ds_configs" / "zero3_bf16.json")):
+        assert C.configured_strategy(DistConfig(strategy="deepspeed", deepspeed_config=given), 8) == ("zero3", 8)
+    assert C.configured_strategy(DistConfig(strategy="deepspeed", zero_stage=1), 8) == ("zero1", 8)
+    with pytest.raises(ConfigError, match="dist.deepspeed_config"):
+        C.configured_strategy(DistConfig(strategy="deepspeed", deepspeed_config="no_such_zero.json"), 8)

@@ -1,4 +1,4 @@
-"""Tests of `pijepa shards write` (pijepa/data/shards.py) on the real images in <repo>/../shared/data.
+"""Tests of `pijepa shards write` (pijepa/data/shards/) on the real images in <repo>/../shared/data.
 
 Fast tests work on small per-class-tar / ImageFolder copies built in tmp dirs from the first members
 of the real tars; the full CIFAR-10 train conversion is marked slow.
@@ -20,8 +20,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pijepa.data import shards
-from pijepa.data.shards import ShardsError, read_index, shard_paths, write_shards
+from pijepa.cli import main as cli_main
+from pijepa.commands.shards import parse_size
+from pijepa.data.shards import Entry, ShardsError, read_index, shard_paths, write_shards
+from pijepa.data.shards import plan as shard_plan
+from pijepa.data.shards import writer as shard_writer
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(
@@ -127,30 +130,30 @@ def real_jpeg() -> bytes:
 
 
 def test_parse_size():
-    assert shards.parse_size("1GB") == 10**9
-    assert shards.parse_size("500MB") == 500 * 10**6
-    assert shards.parse_size("2GiB") == 2 * 2**30
-    assert shards.parse_size("1e9") == 10**9
-    assert shards.parse_size("4096") == 4096
+    assert parse_size("1GB") == 10**9
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1e9") == 10**9
+    assert parse_size("4096") == 4096
     with pytest.raises(argparse.ArgumentTypeError):
-        shards.parse_size("lots")
+        parse_size("lots")
 
 
 def test_shard_counts_by_count_and_bytes():
-    assert shards.shard_counts([1] * 10, 4, 10**9) == [4, 4, 2]
+    assert shard_plan.shard_counts([1] * 10, 4, 10**9) == [4, 4, 2]
     # byte budget: limit minus end-of-archive blocks and record padding; an oversized sample stands alone
     budget = 50_000 - 1024 - 10240
     sizes = [budget // 3] * 7 + [10**6, 10]
-    assert shards.shard_counts(sizes, None, 50_000) == [3, 3, 1, 1, 1]
+    assert shard_plan.shard_counts(sizes, None, 50_000) == [3, 3, 1, 1, 1]
 
 
 def test_unique_keys_disambiguate_collisions():
-    e = lambda file, cls, src: shards.Entry("/x", 0, 1, 0, cls, file, src)  # noqa: E731
+    e = lambda file, cls, src: Entry("/x", 0, 1, 0, cls, file, src)  # noqa: E731
     entries = [e("cat_0001.jpg", "cat", "train/cat.tar"), e("cat_0001.jpg", "cat", "test/cat.tar"),
                e("img 1.jpg", "dog", "train/dog"), e("img 1.jpg", "cat", "train/cat"), e("x.y.jpg", "dog", "t/dog")]
-    keys = shards.unique_keys(entries)
+    keys = shard_plan.unique_keys(entries)
     assert keys == ["train_cat_cat_0001", "test_cat_cat_0001", "dog_img_1", "cat_img_1", "x_y"]
-    assert len(set(shards.unique_keys([e("a.jpg", "c", "s/c")] * 3))) == 3  # identical entries still unique
+    assert len(set(shard_plan.unique_keys([e("a.jpg", "c", "s/c")] * 3))) == 3  # identical entries still unique
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -302,7 +305,7 @@ def test_resume_rewrites_only_missing_shards(cifar_small, tmp_path, capsys):
 def test_interrupted_conversion_resumes(cifar_small, tmp_path, monkeypatch):
     clean = tmp_path / "clean"
     write_shards(cifar_small, clean, samples_per_shard=64, progress=False)
-    real_write, calls = shards.write_shard, []
+    real_write, calls = shard_writer.write_shard, []
 
     class Killed(Exception):
         pass
@@ -314,11 +317,11 @@ def test_interrupted_conversion_resumes(cifar_small, tmp_path, monkeypatch):
         return real_write(task)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(shards, "write_shard", dies_on_third_shard)
+    monkeypatch.setattr(shard_writer, "write_shard", dies_on_third_shard)
     with pytest.raises(Killed):
         write_shards(cifar_small, out, samples_per_shard=64, progress=False)
     assert not (out / "shards.json").exists()
-    with pytest.raises(FileNotFoundError, match="unfinished conversion"):
+    with pytest.raises(ShardsError, match="unfinished conversion"):
         read_index(out)
     calls.clear()
     write_shards(cifar_small, out, samples_per_shard=64, progress=False)
@@ -362,7 +365,7 @@ def test_bad_sources_give_clear_errors(tmp_path):
 
 
 def test_read_index_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "shards.json")):
+    with pytest.raises(ShardsError, match=str(tmp_path / "shards.json")):
         read_index(tmp_path)
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps({"format": "something-else"}))
@@ -375,16 +378,15 @@ def test_read_index_errors(tmp_path):
 
 @needs_data
 def test_cli_arguments(cifar_small, tmp_path, capsys):
-    parser = shards.add_shards_arguments(argparse.ArgumentParser())
     out = tmp_path / "out"
-    args = parser.parse_args(["--src", str(cifar_small), "--out", str(out), "--max-shard-size", "300KB",
-                              "--seed", "2", "--workers", "2", "--prefix", "val", "--no-progress"])
-    assert shards.run_shards_write(args) == 0
+    args = ["shards", "write", "--src", str(cifar_small), "--out", str(out), "--max-shard-size", "300KB",
+            "--seed", "2", "--workers", "2", "--prefix", "val", "--no-progress"]
+    assert cli_main(args) == 0
     index = read_index(out / "shards.json")
     assert index["shards"][0]["name"] == "val-000000.tar" and index["seed"] == 2
     assert all(s["bytes"] <= 300_000 for s in index["shards"])
-    args = parser.parse_args(["--src", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
-    assert shards.run_shards_write(args) == 2
+    args = ["shards", "write", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]
+    assert cli_main(args) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

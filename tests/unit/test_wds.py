@@ -1,4 +1,4 @@
-"""The webdataset training loader (pijepa/data/wds.py) on small shards of real CIFAR-10 images.
+"""The webdataset training loader (pijepa/data/wds/) on small shards of real CIFAR-10 images.
 
 Shards are written into tmp dirs with `write_shards` from copies of the first members of the real
 per-class tars (300 images, 12 shards of 25), so every test reads real JPEGs.
@@ -24,6 +24,7 @@ from pijepa.cli import main as cli_main
 from pijepa.config import ConfigError, load_config
 from pijepa.data.shards import read_index, write_shards
 from pijepa.data.wds import balanced_split, check_readers, decode_rgb, resolve_shards, split_spec
+from pijepa.runtime.errors import DataError
 from pijepa.train.build import build_collator, build_dataset, build_train_loader
 from tests.conftest import DATA, REPO, TINY_OVERRIDES, run_cli, tar_subset
 
@@ -228,17 +229,41 @@ def test_shard_specs(shards_dir):
 
 
 def test_missing_shard_and_empty_list_are_clear_errors(tmp_path, shards_dir):
-    with pytest.raises(FileNotFoundError, match=r"shard .*missing-000000\.tar does not exist \(and 2 more of 3\)"):
+    with pytest.raises(DataError, match=r"shard .*missing-000000\.tar does not exist \(and 2 more of 3\)"):
         resolve_shards(str(tmp_path / "missing-{000000..000002}.tar"))
-    with pytest.raises(FileNotFoundError, match="train-000099.tar does not exist"):
+    with pytest.raises(DataError, match="train-000099.tar does not exist"):
         resolve_shards(f"{shards_dir}/train-000000.tar,{shards_dir}/train-000099.tar")
     for empty in ("", " , ", "::"):
         with pytest.raises(ValueError, match="names no shard"):
             resolve_shards(empty)
     with pytest.raises(ValueError, match="set data.epoch_samples"):
         resolve_shards("pipe:cat x.tar")
-    with pytest.raises(FileNotFoundError, match="no shards index"):
+    with pytest.raises(DataError, match="no shards index"):
         resolve_shards(str(tmp_path / "shards.json"))
+
+
+def test_bad_shard_settings_are_user_errors(tmp_path, shards_dir):
+    """The CLI prints a UserError as one line: every bad data setting must raise one (DataError)."""
+    for spec in ("", "pipe:cat x.tar", str(tmp_path / "missing.tar"), str(tmp_path / "broken-{000..001.tar")):
+        with pytest.raises(DataError, match="data.shards"):
+            resolve_shards(spec)
+    with pytest.raises(DataError, match="16 readers"):
+        check_readers(resolve_shards(str(shards_dir)), "finite", 4, 4)
+    loader = make_loader(str(shards_dir), *FINITE, "data.num_workers=0")
+    with pytest.raises(DataError, match="micro-batch 0"):
+        make_loader(str(shards_dir), *FINITE, "data.num_workers=0", start_step=3).load_state_dict(loader.state_dict())
+
+
+def test_unreadable_shards_stop_with_one_line_from_a_worker(tmp_path):
+    """A reader that reads nothing stops the run; the error raised in the DataLoader worker comes
+    back as a DataError with its own one-line message, not the worker's traceback."""
+    for i in range(2):
+        (tmp_path / f"bad-{i:06d}.tar").write_bytes(b"not a tar file\n" * 100)
+    loader = make_loader(str(tmp_path / "bad-{000000..000001}.tar"), "data.wds_mode=finite", "data.batch_size=2",
+                         "data.epoch_samples=20", "data.num_workers=1")
+    with pytest.raises(DataError, match=r"worker 0\) read no sample in 20 reader epochs") as err:
+        take(loader, 1)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
 
 
 def test_fewer_shards_than_readers_is_a_clear_error(shards_dir):

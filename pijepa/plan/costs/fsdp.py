@@ -1,0 +1,87 @@
+"""FSDP2 (fully_shard), `dist.strategy: fsdp` with `dist.fsdp_sharding` full, grad_op or hybrid;
+the rows of the state table are in pijepa/plan/costs/__init__.py.
+
+- FSDP2 keeps fp32 sharded parameters (the optimizer and the EMA work on them) and all-gathers
+  bf16 copies for compute (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)). Transient:
+  `full` holds two blocks gathered at a time (the running one and the prefetched next); `grad_op`
+  keeps every gathered bf16 parameter from forward to backward (2P). The root parameters (patch
+  embedding, norms, predictor projections) stay gathered. In backward each block adds its
+  unsharded bf16 gradient and the fp32 reduce-scatter input. The EMA target is sharded like the
+  encoder. `hybrid` is `full` within a shard group of S ranks, replicated across the groups.
+- Gradient accumulation: pijepa skips gradient synchronisation on all but the last micro-step;
+  FSDP2 then keeps the UNSHARDED gradients, upcast to the fp32 reduce dtype (4Psi, not 4Psi/S),
+  until the last micro-step reduce-scatters them. This is counted whenever accumulation > 1 and is
+  why FSDP prefers accumulation 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pijepa.parallel.options import DistConfig, FsdpSharding
+from pijepa.plan.costs.base import Communication, CostModel, State, adam_temporaries, ring
+from pijepa.plan.precision import BF16, FP32
+from pijepa.plan.shapes import ModelShape
+
+NODE_GPUS = 8  # GPUs of one node: the shard group of `hybrid` when dist.hybrid_shard_size is 0
+
+
+@dataclass(frozen=True)
+class FsdpCost(CostModel):
+    sharding: FsdpSharding
+    compared: bool = True
+
+    family: ClassVar[str] = "fsdp"
+
+    @property
+    def name(self) -> str:
+        return f"fsdp_{self.sharding}"
+
+    @property
+    def label(self) -> str:
+        return f"FSDP {self.sharding}"
+
+    @property
+    def reshards_after_forward(self) -> bool:
+        """Whether gathered blocks are freed after forward (and gathered again for backward)."""
+        return self.sharding != "grad_op"
+
+    def state(self, shape: ModelShape, shards: int, accum: int, bf16: bool, device: str = "cuda") -> State:
+        psi, p_all, pe, s = shape.trainable_params, shape.params, shape.encoder_params, shards
+        pred_trainable = psi - shape.encoder_trainable
+        block = max(shape.encoder.block_params, shape.predictor.block_params)
+        w = self.precision(bf16).weights
+        accumulating = accum > 1
+        root = shape.root_params * w  # root units stay gathered from forward to backward
+        if self.reshards_after_forward:
+            forward = 2 * block * w + root  # the running block and the prefetched next one
+        else:
+            forward = p_all * w  # every block stays gathered until its backward
+        # Without sync, FSDP2 keeps unsharded gradients upcast to the fp32 reduce dtype.
+        unsharded = psi * FP32 if accumulating else 0.0
+        return State(
+            params=p_all * FP32 / s, optimizer=2 * psi * FP32 / s, ema=pe * FP32 / s,
+            grads_forward=unsharded, grads_step=psi * FP32 / s,
+            grads_partial=unsharded if accumulating else pred_trainable * FP32 / s,
+            weights_forward=forward, weights_target=2 * shape.encoder.block_params * w,
+            # A block's backward: its unsharded bf16 gradient and the fp32 reduce-scatter input.
+            backward_buffers=block * (w + FP32),
+            step_transient=adam_temporaries(shape, psi / s, device))
+
+    def communication(self, shape: ModelShape, world: int, shards: int, accum: int, bf16: bool) -> Communication:
+        psi, p_all, pe, s = shape.trainable_params, shape.params, shape.encoder_params, shards
+        w = BF16 if bf16 else FP32
+        # Each micro-step gathers encoder + predictor for forward and the target for its forward;
+        # `full` gathers encoder + predictor again in backward. The fp32 reduce-scatter runs once.
+        gathers = p_all + pe + (p_all if self.reshards_after_forward else 0)
+        replicas = world // s
+        across = 2 * ring(psi * FP32 / s, replicas) if replicas > 1 else 0.0  # HSDP: all-reduce of shards
+        return Communication(accum * ring(gathers * w, s), ring(psi * FP32, s), across)
+
+
+def configured(dist: DistConfig, gpus: int) -> tuple[str, int]:
+    """(cost model, shard ranks) of `dist.strategy: fsdp`."""
+    if dist.fsdp_sharding == "hybrid":
+        return "fsdp_hybrid", dist.hybrid_shard_size or min(NODE_GPUS, gpus)  # 0: the GPUs of one node
+    return f"fsdp_{dist.fsdp_sharding}", gpus
