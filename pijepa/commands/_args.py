@@ -7,12 +7,16 @@ import argparse
 from pijepa.runtime.errors import ConfigError
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True, what: str = "") -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True, what: str = "",
+                         default: str | None = None, set_help: str = "override one config value; repeatable") -> None:
     """`--config FILE_OR_NAME` and repeatable `--set section.key=value`."""
     help_text = "YAML config: a file, or a packaged name such as cpu_default or in22k_vith14_ep66"
-    parser.add_argument("--config", required=required, default=None, help=help_text + (f"; {what}" if what else ""))
+    if default is not None:
+        help_text += f" (default {default})"
+    parser.add_argument("--config", required=required and default is None, default=default,
+                        help=help_text + (f"; {what}" if what else ""))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value; repeatable (values parsed as YAML)")
+                        help=set_help + " (values parsed as YAML)")
 
 
 def positive_int(text: str) -> int:

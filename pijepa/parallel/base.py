@@ -40,16 +40,17 @@ class JEPAModels:
 
 
 def param_groups(models: JEPAModels) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on weight matrices only, never on biases, norms, positional
-    embeddings or mask tokens (I-JEPA's rule; the positional embeddings are frozen anyway)."""
+    """AdamW groups by I-JEPA's rule (`'bias' not in name and p.ndim != 1` is decayed): weight
+    matrices, the patch-embedding kernel and the predictor's 3-D `mask_token` get weight decay;
+    biases and LayerNorm weights do not. The positional tables are frozen and never reach here."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for module in models.trainable():
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
-            skip = p.ndim <= 1 or name.endswith("bias") or "pos_embed" in name or "mask_token" in name
-            (no_decay if skip else decay).append(p)
+            decayed = "bias" not in name and p.ndim != 1
+            (decay if decayed else no_decay).append(p)
     return [{"params": decay, "wd_exclude": False}, {"params": no_decay, "wd_exclude": True, "weight_decay": 0.0}]
 
 

@@ -180,7 +180,7 @@ class Trainer:
             self.metrics.log(done, scalars)
             if s.is_main:
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-                tqdm.write(_format_line(done, self.total_steps, scalars))
+                console(_format_line(done, self.total_steps, scalars))
             self._last_log, self._t_log = done, time.perf_counter()
 
     def _save(self, done: int) -> None:

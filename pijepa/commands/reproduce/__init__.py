@@ -26,7 +26,7 @@ import os
 import shlex
 from pathlib import Path
 
-from pijepa.commands._args import positive_int
+from pijepa.commands._args import add_config_arguments, positive_int
 from pijepa.commands.reproduce.spec import EVAL_SETS, SAMPLES_PER_SHARD, SMOKE, SPLITS, Layout, shown
 from pijepa.commands.reproduce.stages import Settings, plan
 from pijepa.runtime.errors import DataError, LaunchError
@@ -47,8 +47,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help="pretraining config: a file or a packaged name (default %(default)s)")
+    add_config_arguments(p, what="the pretraining config", default=DEFAULT_CONFIG,
+                         set_help="extra config override for every pretraining run; repeatable")
     p.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated seeds (default 0,1)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="folder for shards, runs, encoders, features, evaluations and the report "
@@ -62,8 +62,6 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=positive_int, default=None, help="pretraining steps (default: the config's)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="pretraining batch (default: the config's)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="extra config override for every pretraining run; repeatable")
 
 
 def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
