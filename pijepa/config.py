@@ -29,7 +29,7 @@ from pijepa.losses.pkt import PktGrouping
 from pijepa.losses.registry import LossName
 from pijepa.masks.multiblock import MaskPlacement
 from pijepa.models.attention import AttnBackend
-from pijepa.models.vit import ModelName
+from pijepa.models.vit import ModelName, WeightInit
 from pijepa.parallel.options import DistConfig
 from pijepa.runtime.atomic import atomic_write_text
 from pijepa.runtime.errors import ConfigError
@@ -46,6 +46,10 @@ class MetaConfig:
     pred_emb_dim: int = bounded(384, min=1)  # predictor width
     use_bfloat16: bool = False  # bf16 autocast where the device supports it; CPU default is fp32
     attn_backend: AttnBackend = "sdpa"
+    # reference: every Linear trunc_normal(0.02), zero bias, LayerNorm (1, 0), as I-JEPA's training
+    # script leaves its models; depth_scaled: also divide block i's attn.proj and mlp.fc2 by
+    # sqrt(2 i), as I-JEPA's model constructors do before the training script re-draws them
+    weight_init: WeightInit = "reference"
     seed: int = 0
     load_checkpoint: bool = False  # start from read_checkpoint (weights only) on a fresh run
     read_checkpoint: str | None = None

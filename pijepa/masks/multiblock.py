@@ -17,11 +17,11 @@ Differences from the original ``MaskCollator`` (all deliberate, all documented h
 - ``min_keep`` is a lower bound (``>=``) on context masks only. The original also requires
   ``> min_keep`` tokens of the (unconstrained) target blocks, which can never change a target and
   loops forever whenever ``h*w <= min_keep`` (e.g. an 8x8 grid with the default scales).
-- ``placement="full"`` (default) lets blocks reach the last row and column: sizes are clipped to
-  ``[1, H]`` and top-left offsets drawn from ``[0, H - h]`` inclusive. ``placement="original"``
-  reproduces the original geometry: sizes clipped to ``H - 1`` (its ``while h >= height: h -= 1``)
-  and offsets drawn from ``[0, H - h)``, so the last row/column is never covered; on a grid of
-  height 1 the size is 1 and the offset 0.
+- Block sizes are the original's for both placements: clipped to ``H - 1`` (its
+  ``while h >= height: h -= 1``; on a grid of height 1 the size is 1). ``placement`` changes only
+  where blocks sit: ``"full"`` (default) draws top-left offsets from ``[0, H - h]`` inclusive, so
+  blocks reach the last row and column; ``"original"`` draws them from ``[0, H - h)`` as the
+  original does, so the last row/column is never covered (offset 0 when the block fills the axis).
 - Randomness comes only from a generator seeded from ``(seed, step)``, never from global state or
   from which worker collates the batch.
 """
@@ -72,19 +72,19 @@ def block_size(
     scale: tuple[float, float],
     aspect_ratio: tuple[float, float],
     grid: tuple[int, int],
-    placement: str,
 ) -> tuple[int, int]:
-    """Block (h, w) for one uniform draw ``u``: the same draw sets scale and aspect, as in I-JEPA."""
+    """Block (h, w) for one uniform draw ``u``: the same draw sets scale and aspect, as in I-JEPA.
+
+    Sizes are capped at H - 1 and W - 1 whatever the placement (the original's
+    ``while h >= height: h -= 1``): ``placement`` changes only where a block may sit, never its size.
+    """
     height, width = grid
     s = scale[0] + u * (scale[1] - scale[0])
     ar = aspect_ratio[0] + u * (aspect_ratio[1] - aspect_ratio[0])
     max_keep = int(height * width * s)  # the original truncates the token budget first
     h = int(round(math.sqrt(max_keep * ar)))
     w = int(round(math.sqrt(max_keep / ar)))
-    # "original" keeps blocks strictly smaller than the grid (its randint(0, H - h) needs H > h).
-    max_h = height - 1 if placement == "original" else height
-    max_w = width - 1 if placement == "original" else width
-    return min(max(h, 1), max(max_h, 1)), min(max(w, 1), max(max_w, 1))
+    return min(max(h, 1), max(height - 1, 1)), min(max(w, 1), max(width - 1, 1))
 
 
 def offset_bound(extent: int, size: int, placement: str) -> int:
@@ -185,7 +185,7 @@ class MultiBlockMaskCollator:
         self.num_candidates = num_candidates
         # The relaxation fallback ends at the bare context block, so its smallest possible area
         # (the size grows with the draw u; aspect is fixed at 1) must already hold min_keep tokens.
-        h, w = block_size(0.0, self.enc_mask_scale, (1.0, 1.0), self.grid, placement)
+        h, w = block_size(0.0, self.enc_mask_scale, (1.0, 1.0), self.grid)
         if h * w < min_keep:
             raise ConfigError(
                 f"mask.min_keep={min_keep} exceeds the smallest context block ({h}x{w} = {h * w} "
@@ -201,8 +201,8 @@ class MultiBlockMaskCollator:
         grid, placement, batch = self.grid, self.placement, batch_size
         u_pred = float(torch.rand(1, generator=g))
         u_enc = float(torch.rand(1, generator=g))
-        pred_size = block_size(u_pred, self.pred_mask_scale, self.aspect_ratio, grid, placement)
-        enc_size = block_size(u_enc, self.enc_mask_scale, (1.0, 1.0), grid, placement)
+        pred_size = block_size(u_pred, self.pred_mask_scale, self.aspect_ratio, grid)
+        enc_size = block_size(u_enc, self.enc_mask_scale, (1.0, 1.0), grid)
 
         def place(size: tuple[int, int], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
             tops = torch.randint(0, offset_bound(grid[0], size[0], placement), shape, generator=g)

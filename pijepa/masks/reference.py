@@ -55,8 +55,8 @@ class ReferenceMaskCollator(MultiBlockMaskCollator):
         g = generator_for(self.seed, step)
         u_pred = float(torch.rand(1, generator=g))
         u_enc = float(torch.rand(1, generator=g))
-        pred_size = block_size(u_pred, self.pred_mask_scale, self.aspect_ratio, self.grid, self.placement)
-        enc_size = block_size(u_enc, self.enc_mask_scale, (1.0, 1.0), self.grid, self.placement)
+        pred_size = block_size(u_pred, self.pred_mask_scale, self.aspect_ratio, self.grid)
+        enc_size = block_size(u_enc, self.enc_mask_scale, (1.0, 1.0), self.grid)
         pred, enc, relaxed = [], [], []
         for _ in range(batch_size):
             targets = [self._place(g, pred_size) for _ in range(self.npred)]

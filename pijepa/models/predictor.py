@@ -54,8 +54,10 @@ class VisionTransformerPredictor(nn.Module):
         mlp_ratio: float = 4.0,
         attn_backend: str = "sdpa",
         init_std: float = 0.02,
+        depth_scaled_init: bool = False,
     ) -> None:
         super().__init__()
+        self.depth_scaled_init = depth_scaled_init
         self.grid_size = _grid_from_num_patches(num_patches)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.embed_dim = embed_dim
@@ -88,7 +90,8 @@ class VisionTransformerPredictor(nn.Module):
             self.predictor_pos_embed.copy_(pos.unsqueeze(0))
         nn.init.trunc_normal_(self.mask_token, std=self.init_std)
         init_transformer_weights(self, self.init_std)
-        rescale_residual_branches(self.predictor_blocks)
+        if self.depth_scaled_init:  # off by default: see vit.rescale_residual_branches
+            rescale_residual_branches(self.predictor_blocks)
 
     def forward(
         self,
@@ -144,9 +147,10 @@ def build_predictor(
     pred_depth: int = 12,
     pred_emb_dim: int = 384,
     attn_backend: str | None = None,
+    depth_scaled_init: bool | None = None,
 ) -> VisionTransformerPredictor:
     """Predictor for ``encoder``: same grid and head count (as the official ``vit_predictor`` call),
-    same attention backend unless told otherwise."""
+    same attention backend and init rule unless told otherwise."""
     return VisionTransformerPredictor(
         encoder.grid_size,
         embed_dim=encoder.embed_dim,
@@ -154,4 +158,5 @@ def build_predictor(
         depth=pred_depth,
         num_heads=encoder.num_heads,
         attn_backend=encoder.attn_backend if attn_backend is None else attn_backend,
+        depth_scaled_init=encoder.depth_scaled_init if depth_scaled_init is None else depth_scaled_init,
     )

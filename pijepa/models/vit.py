@@ -24,6 +24,10 @@ LAYER_NORM_EPS = 1e-6
 # name -> (embed_dim, depth, num_heads, mlp_ratio), as in I-JEPA's src/models/vision_transformer.py
 ModelName = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant"]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+# reference: as I-JEPA's training script leaves its models; depth_scaled: plus the constructors'
+# residual-branch rescaling (see rescale_residual_branches)
+WeightInit = Literal["reference", "depth_scaled"]
+WEIGHT_INITS: tuple[str, ...] = get_args(WeightInit)
 VIT_SIZES: dict[str, tuple[int, int, int, float]] = {
     "vit_tiny": (192, 12, 3, 4.0),
     "vit_small": (384, 12, 6, 4.0),
@@ -115,8 +119,11 @@ def as_blocks(blocks: nn.ModuleList) -> list[Block]:
 
 
 def rescale_residual_branches(blocks: nn.ModuleList) -> None:
-    """I-JEPA's ``fix_init_weight``: divide the weights writing into the residual stream of block
-    ``i`` (1-based) by ``sqrt(2 i)`` so that deep stacks start with a bounded residual variance."""
+    """I-JEPA's model-constructor ``fix_init_weight``: divide the weights writing into the residual
+    stream of block ``i`` (1-based) by ``sqrt(2 i)``. Off by default (``depth_scaled_init``):
+    I-JEPA's training script re-draws every Linear with trunc_normal(0.02) and zero bias after
+    construction (``init_model`` in its helper.py), which undoes this rescaling, so the models it
+    trains start without it; pijepa's default starts from the same distribution."""
     with torch.no_grad():
         for layer_id, block in enumerate(as_blocks(blocks), start=1):
             block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
@@ -142,8 +149,10 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         attn_backend: str = "sdpa",
         init_std: float = 0.02,
+        depth_scaled_init: bool = False,
     ) -> None:
         super().__init__()
+        self.depth_scaled_init = depth_scaled_init
         self.img_size = to_grid(img_size)
         self.patch_size = int(patch_size)
         self.grid_size = (self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size)
@@ -173,7 +182,8 @@ class VisionTransformer(nn.Module):
         with torch.no_grad():
             self.pos_embed.copy_(get_2d_sincos_pos_embed(self.embed_dim, self.grid_size).unsqueeze(0))
         init_transformer_weights(self, self.init_std)
-        rescale_residual_branches(self.blocks)
+        if self.depth_scaled_init:
+            rescale_residual_branches(self.blocks)
 
     def forward(self, x: torch.Tensor, masks: MaskArg = None) -> torch.Tensor:
         """``[B, 3, H, W] -> [B, N, D]``, or ``[M*B, K, D]`` with ``masks`` ``[M, B, K]`` (mask-major).
@@ -234,10 +244,12 @@ def build_encoder(
     img_size: int | tuple[int, int] = 224,
     attn_backend: str = "sdpa",
     depth: int = 0,
+    depth_scaled_init: bool = False,
 ) -> VisionTransformer:
     """Encoder of a standard size (``depth`` > 0 overrides its number of blocks); build under
     ``torch.device("meta")`` to skip allocation."""
-    kwargs: dict[str, Any] = dict(patch_size=patch_size, img_size=img_size, attn_backend=attn_backend)
+    kwargs: dict[str, Any] = dict(patch_size=patch_size, img_size=img_size, attn_backend=attn_backend,
+                                  depth_scaled_init=depth_scaled_init)
     if depth:
         kwargs["depth"] = depth
     return _vit(canonical_model_name(model_name), **kwargs)

@@ -29,7 +29,8 @@ def build_models(cfg: Config) -> JEPAModels:
     """Encoder, predictor and an exact copy of the encoder as EMA target (same init, same seed)."""
     torch.manual_seed(cfg.meta.seed)
     encoder = build_encoder(cfg.meta.model_name, patch_size=cfg.mask.patch_size, img_size=cfg.data.crop_size,
-                            attn_backend=cfg.meta.attn_backend, depth=cfg.meta.encoder_depth)
+                            attn_backend=cfg.meta.attn_backend, depth=cfg.meta.encoder_depth,
+                            depth_scaled_init=cfg.meta.weight_init == "depth_scaled")
     predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim)
     target = copy.deepcopy(encoder)
     target.requires_grad_(False)

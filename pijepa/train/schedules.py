@@ -40,6 +40,21 @@ class Schedules:
         start, end = self.ema
         return min(end, start + step * (end - start) / max(1, self.total))
 
+    # What optimizer step k (0-based) uses, as in I-JEPA's loop: it calls scheduler.step() and
+    # wd_scheduler.step() (which advance to position k + 1, then set the value) before each
+    # optimizer step, and takes the momentum for the EMA from a generator started at 0 after it.
+    # So the first step already has start_lr + (lr - start_lr) / warmup_steps and the last one
+    # reaches final_lr.
+
+    def lr_for_step(self, k: int) -> float:
+        return self.lr_at(k + 1)
+
+    def wd_for_step(self, k: int) -> float:
+        return self.wd_at(k + 1)
+
+    def momentum_for_step(self, k: int) -> float:
+        return self.momentum_at(k)
+
 
 def build_schedules(opt, steps_per_epoch: int) -> Schedules:
     """From the `optimization` config section and the iterations per epoch."""

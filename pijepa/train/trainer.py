@@ -127,9 +127,9 @@ class Trainer:
             total += loss.detach() / len(batches)
             for name, value in parts.items():
                 parts_sum[name] = parts_sum.get(name, 0) + value.detach().float() / len(batches)
-        grad_norm, applied = self.strategy.optimizer_step(self.schedules.lr_at(step), self.schedules.wd_at(step))
+        grad_norm, applied = self.strategy.optimizer_step(self.schedules.lr_for_step(step), self.schedules.wd_for_step(step))
         if applied:
-            self.strategy.ema_update(self.schedules.momentum_at(step))
+            self.strategy.ema_update(self.schedules.momentum_for_step(step))
         return total, parts_sum, grad_norm, applied
 
     # ------------------------------------------------------------------ loop
@@ -222,8 +222,8 @@ class Trainer:
         values = s.reduce_mean(stacked).tolist()
         step = self.step
         scalars = {"loss": values[0], **{f"loss_{n}": v for n, v in zip(parts, values[1:-1])},
-                   "grad_norm": values[-1], "lr": self.schedules.lr_at(step),
-                   "weight_decay": self.schedules.wd_at(step), "ema_momentum": self.schedules.momentum_at(step),
+                   "grad_norm": values[-1], "lr": self.schedules.lr_for_step(step),
+                   "weight_decay": self.schedules.wd_for_step(step), "ema_momentum": self.schedules.momentum_for_step(step),
                    "images_per_s": steps * self.global_batch / max(elapsed, 1e-9),
                    "step_time_s": elapsed / max(steps, 1), "peak_memory_mb": peak_memory_mb(self.device),
                    "skipped_steps": self.skipped_steps}

@@ -255,11 +255,12 @@ def test_every_choice_list_is_the_one_its_module_exports():
     from pijepa.losses.registry import LOSS_NAMES
     from pijepa.masks.multiblock import PLACEMENTS
     from pijepa.models.attention import ATTN_BACKENDS
-    from pijepa.models.vit import MODEL_NAMES
+    from pijepa.models.vit import MODEL_NAMES, WEIGHT_INITS
     from pijepa.parallel.options import AC_MODES, FSDP_SHARDINGS, STRATEGIES, DistConfig
 
     owners = {
         (MetaConfig, "model_name"): MODEL_NAMES, (MetaConfig, "attn_backend"): ATTN_BACKENDS,
+        (MetaConfig, "weight_init"): WEIGHT_INITS,
         (DataConfig, "dataset"): DATASETS, (DataConfig, "wds_mode"): MODES,
         (MaskConfig, "placement"): PLACEMENTS, (OptimizationConfig, "loss_function"): LOSS_NAMES,
         (OptimizationConfig, "pkt_grouping"): GROUPINGS, (DistConfig, "strategy"): STRATEGIES,

@@ -193,9 +193,33 @@ def test_pos_embed_is_fixed_sincos_parameter():
     assert torch.equal(pred.predictor_pos_embed[0], get_2d_sincos_pos_embed(24, (4, 6)))
 
 
-def test_init_matches_ijepa():
+def test_reference_init_is_what_ijepa_training_starts_from():
+    """I-JEPA's training script re-draws every Linear of encoder and predictor with
+    trunc_normal(std 0.02) and zero bias, LayerNorms to (1, 0), after the constructors ran: no
+    depth rescaling survives. The patch-embedding conv keeps the constructor's trunc_normal(0.02)."""
+    from torch import nn
+
     torch.manual_seed(0)
     model = vit_tiny(img_size=32, patch_size=8)
+    pred = build_predictor(model, pred_depth=6, pred_emb_dim=384)
+    for module in (model, pred):
+        for m in module.modules():
+            if isinstance(m, nn.Linear) and m.weight.numel() >= 4096:
+                assert m.weight.std().item() == pytest.approx(0.02, rel=0.15)
+                assert torch.all(m.bias == 0)
+            elif isinstance(m, nn.LayerNorm):
+                assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+    last, pred_last = model.blocks[-1], pred.predictor_blocks[-1]
+    for w in (last.attn.proj.weight, last.mlp.fc2.weight, pred_last.attn.proj.weight, pred_last.mlp.fc2.weight):
+        assert w.std().item() == pytest.approx(0.02, rel=0.15)
+    assert model.patch_embed.proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert pred.mask_token.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_init_matches_ijepa():
+    """`depth_scaled_init` keeps I-JEPA's constructor rule (meta.weight_init: depth_scaled)."""
+    torch.manual_seed(0)
+    model = vit_tiny(img_size=32, patch_size=8, depth_scaled_init=True)
     for i in (0, 5, 11):
         block = model.blocks[i]
         assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
