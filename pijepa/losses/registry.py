@@ -41,7 +41,7 @@ def plain_terms(
     return l2, pkt
 
 
-def combine(
+def contributions(
     name: str,
     l2: torch.Tensor | None,
     pkt_groups: torch.Tensor | None,
@@ -50,26 +50,33 @@ def combine(
     chunk_size: int,
     l2_weight: float,
     pkt_weight: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss named ``name`` from its terms, plus the detached logging parts."""
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The loss named ``name`` as its weighted terms (they sum to the loss; the trainer takes each
+    term's gradient on the predictions from them), plus the detached logging parts."""
     parts: dict[str, torch.Tensor] = {}
-    pkt = None
     if l2 is not None:
         parts["l2"] = l2.detach()
     if pkt_groups is not None:
-        pkt = pkt_groups.mean()
-        parts["pkt"] = pkt.detach()
-    if name == "L2" and l2 is not None:
-        return l2, parts
-    if name == "PKT" and pkt is not None:
-        return pkt, parts
-    if l2 is None or pkt_groups is None or pkt is None:
-        raise ValueError(f"loss {name!r} was given only some of its terms (l2: {l2 is not None}, "
-                         f"pkt: {pkt_groups is not None})")
+        parts["pkt"] = pkt_groups.mean().detach()
+    if name == "L2":
+        assert l2 is not None
+        return {"l2": l2}, parts
+    assert pkt_groups is not None
+    if name == "PKT":
+        return {"pkt": pkt_groups.mean()}, parts
+    assert l2 is not None
     if name == "L2_PKT":
-        return l2_weight * l2 + pkt_weight * pkt, parts
+        return {"l2": l2_weight * l2, "pkt": pkt_weight * pkt_groups.mean()}, parts
     # L2_PKT_chunks: the published code sums the chunk PKTs onto L2, then divides by R / chunk_size.
-    return (pkt_weight * pkt_groups.sum() + l2_weight * l2) / (num_rows / chunk_size), parts
+    chunks = num_rows / chunk_size
+    return {"l2": l2_weight * l2 / chunks, "pkt": pkt_weight * pkt_groups.sum() / chunks}, parts
+
+
+def sum_terms(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    total, *rest = terms.values()
+    for term in rest:
+        total = total + term
+    return total
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,13 @@ class JepaLoss:
     def __call__(
         self, pred: torch.Tensor, h: torch.Tensor, masks_pred: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms, parts = self.terms(pred, h, masks_pred)
+        return sum_terms(terms), parts
+
+    def terms(
+        self, pred: torch.Tensor, h: torch.Tensor, masks_pred: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The loss as its weighted terms (``l2``, ``pkt``: they sum to the loss) and the parts."""
         _check_shapes(pred, h, masks_pred)
         terms = fused_terms if self.fused else plain_terms
         l2, pkt_groups = terms(
@@ -113,7 +127,7 @@ class JepaLoss:
             grouping=self.grouping,
             chunk_size=self.chunk_size,
         )
-        return combine(
+        return contributions(
             self.name,
             l2,
             pkt_groups,

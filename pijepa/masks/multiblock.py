@@ -87,6 +87,17 @@ def block_size(
     return min(max(h, 1), max(height - 1, 1)), min(max(w, 1), max(width - 1, 1))
 
 
+def mean_block_area(scale: tuple[float, float], aspect_ratio: tuple[float, float], grid: tuple[int, int],
+                    points: int = 20_000) -> float:
+    """Expected tokens of one block: block_size averaged over its uniform draw u (midpoint rule;
+    exact up to the rounding steps the grid of u points can miss)."""
+    total = 0
+    for i in range(points):
+        h, w = block_size((i + 0.5) / points, scale, aspect_ratio, grid)
+        total += h * w
+    return total / points
+
+
 def offset_bound(extent: int, size: int, placement: str) -> int:
     """Exclusive upper bound of the top/left offset of a block of ``size`` along ``extent``."""
     if placement == "original":

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from pijepa.config import Config, dump_config
 from pijepa.data.transforms import to_uint8
+from pijepa.losses.registry import sum_terms
 from pijepa.masks.viz import mask_grid_from_batch
 from pijepa.runtime.errors import DataError, NonFiniteError
 from pijepa.runtime.log import console, warn
@@ -31,8 +32,11 @@ from pijepa.train.build import (
     restore_loader_state,
 )
 from pijepa.train.checkpoint import Checkpointer, rng_state
+from pijepa.train.diagnostics import collapse_stats, term_gradient_norms
 from pijepa.train.metrics import MetricsLogger
 from pijepa.train.schedules import build_schedules
+
+LOSS_PARTS = ("l2", "pkt")  # logged as loss_l2, loss_pkt; the other parts are diagnostics
 
 
 class Trainer:
@@ -102,35 +106,46 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
 
-    def forward_loss(self, images: torch.Tensor, masks_enc: torch.Tensor, masks_pred: torch.Tensor):
+    def forward_loss(self, images: torch.Tensor, masks_enc: torch.Tensor, masks_pred: torch.Tensor,
+                     diagnose: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The loss, its parts, and (when `diagnose`: log steps only) the diagnostics of
+        train/diagnostics.py: each term's gradient norm on the predictions, the target's spread."""
         models = self.models
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             with torch.no_grad():
                 h = models.target_encoder(images)
             z = models.predict(images, masks_enc, masks_pred)  # encoder, then predictor
-            return self.loss_fn(z, h, masks_pred)
+            terms, parts = self.loss_fn.terms(z, h, masks_pred)
+        diagnostics = {**term_gradient_norms(terms, z), **collapse_stats(h)} if diagnose else {}
+        return sum_terms(terms), parts, diagnostics
 
     def train_step(self, batches: list) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, bool]:
         """One optimizer step over `accum` micro-batches and the EMA update; returns the detached
-        loss, its parts, the gradient norm and whether the step was applied (not skipped as
-        non-finite: then neither the models nor the target moved)."""
-        step = self.step
+        loss, its parts (with the diagnostics of the last micro-batch on log steps), the gradient
+        norm and whether the step was applied (not skipped as non-finite: then neither the models
+        nor the target moved)."""
+        step, s = self.step, self.schedules
         total = torch.zeros((), device=self.device)
         parts_sum: dict[str, torch.Tensor] = {}
         for i, (images, _labels, masks_enc, masks_pred) in enumerate(batches):
             images = images.to(self.device, non_blocking=True)
             masks_enc = masks_enc.to(self.device, non_blocking=True)
             masks_pred = masks_pred.to(self.device, non_blocking=True)
-            with self.strategy.micro_step(is_last=i == len(batches) - 1):
-                loss, parts = self.forward_loss(images, masks_enc, masks_pred)
+            last = i == len(batches) - 1
+            with self.strategy.micro_step(is_last=last):
+                loss, parts, diagnostics = self.forward_loss(images, masks_enc, masks_pred,
+                                                             diagnose=last and self._is_log_step(step + 1))
                 self.strategy.backward(loss)
             total += loss.detach() / len(batches)
             for name, value in parts.items():
                 parts_sum[name] = parts_sum.get(name, 0) + value.detach().float() / len(batches)
-        grad_norm, applied = self.strategy.optimizer_step(self.schedules.lr_for_step(step), self.schedules.wd_for_step(step))
+        grad_norm, applied = self.strategy.optimizer_step(s.lr_for_step(step), s.wd_for_step(step))
         if applied:
-            self.strategy.ema_update(self.schedules.momentum_for_step(step))
-        return total, parts_sum, grad_norm, applied
+            self.strategy.ema_update(s.momentum_for_step(step))
+        return total, {**parts_sum, **diagnostics}, grad_norm, applied
+
+    def _is_log_step(self, done: int) -> bool:
+        return done % self.cfg.logging.log_freq == 0 or done == self.total_steps
 
     # ------------------------------------------------------------------ loop
 
@@ -174,7 +189,7 @@ class Trainer:
         cfg, s = self.cfg.logging, self.strategy
         if s.is_main and cfg.tensorboard and cfg.mask_viz_freq and done % cfg.mask_viz_freq == 0:
             self._log_masks(micro_batches[0], done)
-        if done % cfg.log_freq == 0 or done == self.total_steps:
+        if self._is_log_step(done):
             elapsed = time.perf_counter() - self._t_log
             scalars = self._scalars(loss, parts, grad_norm, (done - self._last_log), elapsed)
             self.metrics.log(done, scalars)
@@ -221,9 +236,12 @@ class Trainer:
         stacked = torch.stack([loss, *parts.values(), grad_norm.float().to(loss.device)])
         values = s.reduce_mean(stacked).tolist()
         step = self.step
-        scalars = {"loss": values[0], **{f"loss_{n}": v for n, v in zip(parts, values[1:-1])},
+        named = dict(zip(parts, values[1:-1]))
+        scalars = {"loss": values[0], **{f"loss_{n}": v for n, v in named.items() if n in LOSS_PARTS},
+                   **{n: v for n, v in named.items() if n not in LOSS_PARTS},
                    "grad_norm": values[-1], "lr": self.schedules.lr_for_step(step),
-                   "weight_decay": self.schedules.wd_for_step(step), "ema_momentum": self.schedules.momentum_for_step(step),
+                   "weight_decay": self.schedules.wd_for_step(step),
+                   "ema_momentum": self.schedules.momentum_for_step(step),
                    "images_per_s": steps * self.global_batch / max(elapsed, 1e-9),
                    "step_time_s": elapsed / max(steps, 1), "peak_memory_mb": peak_memory_mb(self.device),
                    "skipped_steps": self.skipped_steps}
@@ -241,6 +259,8 @@ class Trainer:
 
 def _format_line(step: int, total: int, scalars: dict[str, float]) -> str:
     parts = " ".join(f"{k[5:]}={v:.4g}" for k, v in scalars.items() if k.startswith("loss_"))
+    if "grad_share_pkt" in scalars:  # how much of the push on the predictions comes from PKT
+        parts += f" pkt_share={scalars['grad_share_pkt']:.2%}"
     return (f"step {step}/{total} loss={scalars['loss']:.4f} {parts} lr={scalars['lr']:.2e} "
             f"grad_norm={scalars['grad_norm']:.3f} {scalars['images_per_s']:.1f} img/s "
             f"{scalars['step_time_s']:.3f} s/step mem={scalars['peak_memory_mb']:.0f}MB")

@@ -72,3 +72,26 @@ def test_bad_config_gives_one_clear_line(tmp_path, override, words):
 def test_help_lists_commands():
     r = run_cli("--help")
     assert r.returncode == 0 and "train" in r.stdout
+
+
+@pytest.mark.slow
+def test_log_steps_show_what_pkt_does_and_whether_the_target_collapses(tmp_path):
+    """Issue 16: every log step writes each loss term's gradient norm on the predictions, PKT's
+    share of it, and the target's spread and effective rank, to the CSV and to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    r = train(run, "optimization.max_steps=10", "optimization.pkt_weight=1000")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(row["step"]) for row in rows] == [5, 10]
+    keys = ("grad_l2", "grad_pkt", "grad_share_pkt", "target_std", "target_rank")
+    for row in rows:
+        values = {k: float(row[k]) for k in keys}
+        assert values["grad_l2"] > 0 and values["grad_pkt"] > 0 and 0 < values["grad_share_pkt"] < 1, values
+        share = values["grad_pkt"] / (values["grad_l2"] + values["grad_pkt"])
+        assert abs(values["grad_share_pkt"] - share) < 1e-6 * max(1.0, share)
+        assert values["target_std"] > 0 and 1 <= values["target_rank"] <= 8, values  # batch 8
+    events = EventAccumulator(str(next((run / "tb").glob("events.out.tfevents.*")))).Reload()
+    assert set(keys) <= set(events.Tags()["scalars"])
+    assert "pkt_share=" in r.stderr
