@@ -23,7 +23,8 @@ from PIL import Image
 from pijepa.cli import main as cli_main
 from pijepa.config import ConfigError, load_config
 from pijepa.data.shards import read_index, write_shards
-from pijepa.data.wds import balanced_split, check_readers, decode_rgb, resolve_shards, split_spec
+from pijepa.data.wds import ReaderPlan, balanced_split, check_readers, decode_rgb, resolve_shards, split_spec
+from pijepa.data.wds.restart import finite_restart
 from pijepa.runtime.errors import DataError
 from pijepa.train.build import build_collator, build_dataset, build_train_loader
 from tests.conftest import DATA, REPO, TINY_OVERRIDES, run_cli, tar_subset
@@ -58,10 +59,10 @@ def make_cfg(spec: str, *sets: str):
     return cfg
 
 
-def make_loader(spec: str, *sets: str, world: int = 1, rank: int = 0, start_step: int = 0):
+def make_loader(spec: str, *sets: str, world: int = 1, rank: int = 0, start_step: int = 0, accum: int = 1):
     cfg = make_cfg(spec, *sets)
     shards = build_dataset(cfg, world)
-    return build_train_loader(cfg, shards, accum=1, world_size=world, rank=rank, start_step=start_step,
+    return build_train_loader(cfg, shards, accum=accum, world_size=world, rank=rank, start_step=start_step,
                               total_steps=10**6, pin_memory=False)
 
 
@@ -147,15 +148,136 @@ def test_resume_mid_epoch_continues_exactly(shards_dir, mode):
 
 
 def test_resume_refuses_other_settings(shards_dir):
+    """Other data (shards, mode, seed) is never resumed; at the same layout the exact resume needs
+    the same batch size and step. (Another number of workers used to be refused too: it restarts.)"""
     loader = make_loader(str(shards_dir), *FINITE, "data.num_workers=2")
     take(loader, 4)
     state = loader.state_dict()
-    other = make_loader(str(shards_dir), *FINITE, "data.num_workers=1", start_step=4)
-    with pytest.raises(ValueError, match="workers is 2, this run has 1"):
-        other.load_state_dict(state)
+    fewer = make_loader(str(shards_dir / "train-{000000..000009}.tar"), *FINITE, "data.num_workers=2", start_step=4)
+    with pytest.raises(ValueError, match="num_shards is 12, this run has 10"):
+        fewer.load_state_dict(state)
+    other_seed = make_loader(str(shards_dir), *FINITE, "data.num_workers=2", "meta.seed=1", start_step=4)
+    with pytest.raises(ValueError, match="checkpointed seed is 0, this run has 1"):
+        other_seed.load_state_dict(state)
+    other_batch = make_loader(str(shards_dir), *FINITE, "data.num_workers=2", "data.batch_size=5", start_step=8)
+    with pytest.raises(ValueError, match="batch_size is 10, this run has 5 .*keep data.batch_size"):
+        other_batch.load_state_dict(state)
     wrong_step = make_loader(str(shards_dir), *FINITE, "data.num_workers=2", start_step=5)
     with pytest.raises(ValueError, match="micro-batch 4"):
         wrong_step.load_state_dict(state)
+    one_rank_of_two = make_loader(str(shards_dir), *FINITE, "data.num_workers=0", world=2)
+    take(one_rank_of_two, 2)
+    with pytest.raises(DataError, match="positions of 1 of 2 ranks x 1 workers"):  # not gathered
+        make_loader(str(shards_dir), *FINITE, "data.num_workers=0", start_step=4).load_state_dict(
+            one_rank_of_two.state_dict())
+
+
+# ----------------------------------------------------------------------------- another reader layout
+
+
+def two_rank_state(spec: str, sets: tuple[str, ...], micro: int) -> tuple[dict, list[str]]:
+    """The gathered state of two ranks' loaders after `micro` micro-batches each (one process: the
+    ranks' positions are merged as all_gather would) and the keys they read."""
+    states, read = [], []
+    for rank in (0, 1):
+        loader = make_loader(spec, *sets, world=2, rank=rank)
+        read += keys_of(take(loader, micro))
+        states.append(loader.state_dict())
+    return {**states[0], "ranks": [s["ranks"][0] for s in states]}, read
+
+
+def test_finite_resume_on_fewer_ranks_restarts_the_epoch(shards_dir, capsys):
+    """2 ranks x 4 micro-batches of 10 (step 4 of global batch 20), resumed on 1 rank with
+    accumulation 2: the one reader starts reader epoch 0 afresh, reads every sample once in it, and
+    the micro-batch numbers (u, hence masks and crops) go on from the checkpoint's step."""
+    sets = (*FINITE, "data.num_workers=0")
+    state, before = two_rank_state(str(shards_dir), sets, 4)
+    state["ranks"][1]["readers"][0]["skipped"] = 3  # as if rank 1 had met corrupt samples
+    resumed = make_loader(str(shards_dir), *sets, start_step=4, accum=2)
+    resumed.load_state_dict(state)
+    assert resumed.counters() == {"data_skipped": 3}  # the logged total goes on
+    err = capsys.readouterr().err
+    assert ("at step 4 on 1 rank(s) x 1 worker(s) from a checkpoint of 2 x 1" in err
+            and "restarts at the start of reader epoch 0 (finite): 80 sample(s) read before the checkpoint "
+                "are read again and 0 of the earlier reader epochs are not read" in err)
+    batches = take(resumed, 31)
+    assert [info["u"] for _, info in batches[:3]] == [8, 9, 10]
+    assert {info["epoch"] for _, info in batches[:30]} == {0} and batches[30][1]["epoch"] == 1
+    epoch = keys_of(batches[:30])
+    assert Counter(epoch) == Counter(all_keys(shards_dir))  # the restarted epoch: each sample once
+    assert len(set(before) & set(epoch)) == 80  # what the old readers had read is read again
+    again = make_loader(str(shards_dir), *sets, start_step=4, accum=2)
+    again.load_state_dict(state)
+    assert keys_of(take(again, 5)) == epoch[:50]  # deterministic: every rank derives the same start
+    # the restarted loader's own state resumes exactly at its (new) layout
+    assert resumed.state_dict()["ranks"][0]["micro_batches"] == 8 + 31
+
+
+def test_finite_restart_epoch_counts_repeats_and_skips(shards_dir):
+    """The restart epoch is the one the old readers' summed position falls in (12 shards of 25: each
+    of 2 readers holds 150 samples per reader epoch); the counts say what is read twice or never."""
+    plan = ReaderPlan(resolve_shards(str(shards_dir)), "finite", 0, 2, 1)
+    assert finite_restart(plan, [(0, 40), (0, 40)]).epoch == 0
+    near = finite_restart(plan, [(0, 140), (1, 5)])  # 295 of 300 read: still epoch 0, all read again
+    assert (near.epoch, near.repeated, near.skipped, near.exact) == (0, 295, 0, True)
+    past = finite_restart(plan, [(0, 145), (1, 20)])  # 315: epoch 1; reader 0's last 5 are skipped
+    assert (past.epoch, past.repeated, past.skipped) == (1, 20, 5)
+    later = finite_restart(plan, [(3, 150), (4, 0)])  # a reader done with its epoch is at the next one
+    assert (later.epoch, later.repeated, later.skipped) == (4, 0, 0)
+
+
+def test_finite_resume_on_more_workers_and_ranks(shards_dir, capsys):
+    """1 rank to micro-batch 20 (200 samples), resumed on 2 ranks at step 10 of global batch 20 (the
+    same 200 samples): the two ranks together read the restarted epoch once, disjointly."""
+    sets = (*FINITE, "data.num_workers=0")
+    one = make_loader(str(shards_dir), *sets)
+    take(one, 20)
+    state = one.state_dict()
+    read = []
+    for rank in (0, 1):
+        resumed = make_loader(str(shards_dir), *sets, world=2, rank=rank, start_step=10)
+        resumed.load_state_dict(state)
+        batches = take(resumed, 15)
+        assert batches[0][1]["u"] == 20 + rank and {info["epoch"] for _, info in batches} == {0}
+        read.append(keys_of(batches))
+    assert not set(read[0]) & set(read[1]) and Counter(read[0] + read[1]) == Counter(all_keys(shards_dir))
+    assert "200 sample(s) read before the checkpoint are read again and 0" in capsys.readouterr().err
+
+
+def test_resampled_resume_at_another_layout_reseeds_from_the_step(shards_dir, capsys):
+    """Resampled readers start fresh streams seeded from (seed, step), the same on every run; the
+    reseed is saved, so a later exact resume replays those streams."""
+    sets = ("data.wds_mode=resampled", "data.batch_size=10", "data.shuffle_buffer=30", "data.num_workers=0")
+    state, _ = two_rank_state(str(shards_dir), sets, 3)
+    resumed = make_loader(str(shards_dir), *sets, start_step=3, accum=2)
+    resumed.load_state_dict(state)
+    assert "fresh resampled stream seeded from (data seed, step 3)" in capsys.readouterr().err
+    head = take(resumed, 5)
+    tail = take(resumed, 4)
+    assert resumed.state_dict()["reseed"] == 3
+    fresh = make_loader(str(shards_dir), *sets, start_step=3, accum=2)
+    fresh.load_state_dict(state)
+    assert keys_of(take(fresh, 9)) == keys_of(head + tail)  # deterministic
+    exact = make_loader(str(shards_dir), *sets, start_step=5, accum=2)  # step 5 = micro-batch 10 ...
+    mid = make_loader(str(shards_dir), *sets, start_step=3, accum=2)
+    mid.load_state_dict(state)
+    take(mid, 4)  # ... 6 + 4 micro-batches taken
+    exact.load_state_dict(mid.state_dict())
+    assert keys_of(take(exact, 5)) == keys_of(head[4:] + tail)
+    unseeded = make_loader(str(shards_dir), *sets, start_step=6)
+    assert keys_of(take(unseeded, 3)) != keys_of(head[:3])  # not the original streams
+
+
+def test_resume_with_other_workers_restarts(shards_dir, capsys):
+    """Another data.num_workers at the same world size is another reader layout: restarted, not refused."""
+    loader = make_loader(str(shards_dir), *FINITE, "data.num_workers=2")
+    take(loader, 4)
+    other = make_loader(str(shards_dir), *FINITE, "data.num_workers=0", start_step=4)
+    other.load_state_dict(loader.state_dict())
+    assert "from a checkpoint of 1 x 2" in capsys.readouterr().err
+    batches = take(other, 30)
+    assert [info["u"] for _, info in batches[:2]] == [4, 5]
+    assert Counter(keys_of(batches)) == Counter(all_keys(shards_dir))
 
 
 def test_resampled_streams_are_seeded_per_rank(shards_dir):

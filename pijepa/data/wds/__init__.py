@@ -32,7 +32,33 @@ checkpoint. On resume each reader replays its current reader epoch from the star
 shuffle, dropping the ``offset`` samples already used *before decoding them* (reading their bytes
 again: up to one reader epoch of I/O), and DataLoader worker ``i`` plays logical worker
 ``(i + c) % W`` so that the round-robin continues where it stopped: the resumed run gets exactly
-the batches the uninterrupted run would have got.
+the batches the uninterrupted run would have got. An exact resume needs the same reader layout
+(world size and ``data.num_workers``), ``data.batch_size`` and ``data.shuffle_buffer``; other shards,
+mode or seed are refused.
+
+Another layout (``restart``). A job requeued on fewer or more ranks, or with another number of
+workers, cannot continue the old readers' positions: its readers read other shards in another
+shuffle. It restarts every reader from one position that every rank derives alike from the
+checkpoint, and warns (once, on rank 0) with what that costs:
+
+* ``finite``: the start of the reader epoch that the checkpoint's position falls in, the position
+  being the samples all old readers had read, counted from their own positions (so it stays right
+  when readers drift apart, or after an earlier restart shifted the reader epochs against the
+  step). Samples the old readers had read in that epoch are read again: less than one reader epoch
+  plus the drift below (without drift or an earlier restart, step x global batch mod the epoch's
+  samples). Samples of earlier reader epochs that a lagging old reader had not yet reached are
+  never read: at most the readers' drift, about a shard per old reader, zero when every reader
+  gets the same number of samples. The warning gives both counts (estimates without sample counts
+  from ``shards.json``). From there every reader epoch again reads each sample once; reader epochs
+  are no longer aligned with trainer epochs (the run's last one may end unfinished).
+* ``resampled``: every reader starts a fresh stream, its shard draws and shuffle seeded from
+  ``(seed, step)`` (the ``reseed`` saved in the state, so a later exact resume replays it); the old
+  readers' unfinished draws are dropped. Draws are with replacement, so nothing is owed.
+
+The micro-batch numbering ``u`` goes on from the step either way (masks and crops as the
+step-addressed loader makes them); ``data.batch_size`` and ``data.shuffle_buffer`` may change with
+the layout. Keep ``data.global_batch_size`` fixed so that a step means the same samples (else the
+warning says so); the skip counter goes on (the old total is carried by rank 0).
 
 Corrupt data never stops the run: an undecodable image, a sample without an image or ``cls``, an
 unreadable or truncated tar (with ``shards.json`` counts, the missing samples are counted exactly;
@@ -40,8 +66,9 @@ without, each read error counts one) are skipped, counted per batch and summed b
 (``counters()``, logged as ``data_skipped``), and the first few are reported on stderr.
 
 Modules: ``spec`` (``data.shards`` -> the checked shard list), ``plan`` (each reader's shards per
-reader epoch), ``stream`` (the worker side: reading, shuffling, decoding, batches) and ``loader``
-(the main process: batch order, position, resume).
+reader epoch), ``stream`` (the worker side: reading, shuffling, decoding, batches), ``restart``
+(where readers of another layout start) and ``loader`` (the main process: batch order, position,
+resume).
 """
 
 from pijepa.data.wds.loader import WebDatasetLoader, build_wds_loader

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -11,13 +12,17 @@ from torch.utils.data import DataLoader
 
 from pijepa.data.loader import worker_message
 from pijepa.data.wds.plan import ReaderPlan
+from pijepa.data.wds.restart import describe, old_plan, plan_restart
 from pijepa.data.wds.spec import MODES, ShardSet, check_readers
 from pijepa.data.wds.stream import ShardStream
 from pijepa.runtime.errors import ConfigError, DataError
 from pijepa.runtime.log import warn
 from pijepa.runtime.signals import ignore_preemption_signals, stop_workers_at_exit
 
-STATE_FORMAT = "pijepa-wds-loader-v1"
+STATE_FORMAT = "pijepa-wds-loader-v1"  # "reseed" was added later: absent reads as None
+DATA_KEYS = ("format", "mode", "seed", "num_shards", "shards")  # other data: never resumed
+LAYOUT_KEYS = ("world_size", "workers")  # another reader layout: the readers restart (restart.py)
+REPLAY_KEYS = ("batch_size", "shuffle_buffer")  # an exact resume replays the same batches
 
 
 def _batches_before(micro: int, worker: int, workers: int) -> int:
@@ -31,21 +36,27 @@ class WebDatasetLoader:
 
     def __init__(self, plan: ReaderPlan, rank: int, *, batch_size: int, shuffle_buffer: int,
                  transform: Callable, collator: Callable, num_workers: int, pin_memory: bool,
-                 start_micro: int = 0, start_epoch: int = 0):
+                 start_micro: int = 0, start_epoch: int = 0, accum: int = 1):
         self.plan, self.rank, self.batch_size, self.shuffle_buffer = plan, rank, batch_size, shuffle_buffer
         self.transform, self.collator = transform, collator
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.expected_micro = self.micro = start_micro
+        self.accum = accum  # micro-batches per step: the step of start_micro, for a restart's seed
         # Without a saved position (a fresh run, or a checkpoint without one): fresh reader epochs.
-        self.readers = [{"epoch": start_epoch, "offset": 0, "batches": _batches_before(start_micro, w, plan.workers),
-                         "skipped": 0} for w in range(plan.workers)]
+        self.readers = self._fresh_readers(start_epoch)
         self.positioned = start_micro == 0
+
+    def _fresh_readers(self, epoch: int) -> list[dict[str, int]]:
+        """Every logical worker at the start of reader epoch `epoch`, its batch numbers continuing
+        the micro-batch count so that u = c x world + rank goes on."""
+        return [{"epoch": epoch, "offset": 0, "batches": _batches_before(self.micro, w, self.plan.workers),
+                 "skipped": 0} for w in range(self.plan.workers)]
 
     def _header(self) -> dict[str, Any]:
         p = self.plan
         return {"format": STATE_FORMAT, "mode": p.mode, "seed": p.seed, "world_size": p.world_size,
                 "workers": p.workers, "batch_size": self.batch_size, "shuffle_buffer": self.shuffle_buffer,
-                "num_shards": len(p.shards.urls), "shards": p.shards.fingerprint()}
+                "num_shards": len(p.shards.urls), "shards": p.shards.fingerprint(), "reseed": p.reseed}
 
     def local_state(self) -> dict[str, Any]:
         return {"micro_batches": self.micro, "readers": [dict(r) for r in self.readers]}
@@ -60,12 +71,14 @@ class WebDatasetLoader:
         return {**self._header(), "ranks": ranks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpointed state: exactly at the same reader layout, else restarted."""
         header = self._header()
-        for key, value in header.items():
-            if state.get(key) != value:
-                raise DataError(f"cannot resume the webdataset loader: its checkpointed {key} is "
-                                f"{state.get(key)!r}, this run has {value!r} (positions are per rank and "
-                                f"worker; resume with the same data settings, world size and data.num_workers)")
+        _refuse_changes(state, header, DATA_KEYS, "resume with the same data.shards, data.wds_mode and meta.seed")
+        if any(state.get(key) != header[key] for key in LAYOUT_KEYS):
+            self._restart(state)
+            return
+        _refuse_changes(state, header, REPLAY_KEYS, "an exact resume at the same world size and "
+                        "data.num_workers replays the same batches: keep data.batch_size and data.shuffle_buffer")
         ranks = state["ranks"]
         if len(ranks) != self.plan.world_size or ranks[self.rank] is None:
             raise DataError(f"cannot resume the webdataset loader: the checkpoint holds {len(ranks)} ranks' "
@@ -76,7 +89,26 @@ class WebDatasetLoader:
                             f"checkpoint step needs {self.expected_micro}")
         self.micro = local["micro_batches"]
         self.readers = [dict(r) for r in local["readers"]]
+        self.plan = replace(self.plan, reseed=state.get("reseed"))  # the streams the readers were in
         self.positioned = True
+
+    def _restart(self, state: dict[str, Any]) -> None:
+        """Another world size or number of workers: every reader restarts from the one position
+        restart.py derives from the checkpoint (the same on every rank), with a warning."""
+        old, step = old_plan(self.plan, state), self.expected_micro // max(1, self.accum)
+        restart = plan_restart(old, state, step)
+        self.plan = replace(self.plan, reseed=restart.reseed)
+        self.readers = self._fresh_readers(restart.epoch)
+        if self.rank == 0:  # the corrupt samples counted so far: summed over ranks, the count goes on
+            self.readers[0]["skipped"] = restart.skipped_corrupt
+        self.positioned = True
+        message = describe(restart, old, self.plan, step)
+        old_samples = int(state["ranks"][0]["micro_batches"]) * int(state["batch_size"]) * old.world_size
+        new_samples = self.expected_micro * self.batch_size * self.plan.world_size
+        if old_samples != new_samples:
+            message += (f"; note that the checkpoint's ranks had taken {old_samples} samples by step {step}, "
+                        f"where this run's global batch makes it {new_samples} (set data.global_batch_size)")
+        warn(message)
 
     def counters(self) -> dict[str, int]:
         """Cumulative counts of this rank for logging (summed over ranks by the trainer)."""
@@ -125,6 +157,13 @@ class WebDatasetLoader:
         return (batch for batch, _ in self.iter_with_info())
 
 
+def _refuse_changes(state: dict[str, Any], header: dict[str, Any], keys: tuple[str, ...], hint: str) -> None:
+    for key in keys:
+        if state.get(key) != header[key]:
+            raise DataError(f"cannot resume the webdataset loader: its checkpointed {key} is {state.get(key)!r}, "
+                            f"this run has {header[key]!r} ({hint})")
+
+
 def build_wds_loader(shards: ShardSet, transform: Callable, collator: Callable, *, mode: str, batch_size: int,
                      accum: int, world_size: int, rank: int, start_step: int, steps_per_epoch: int, seed: int,
                      num_workers: int, shuffle_buffer: int, pin_memory: bool) -> WebDatasetLoader:
@@ -134,5 +173,6 @@ def build_wds_loader(shards: ShardSet, transform: Callable, collator: Callable, 
     plan = ReaderPlan(shards, mode, seed, world_size, max(1, num_workers))
     return WebDatasetLoader(plan, rank, batch_size=batch_size, shuffle_buffer=shuffle_buffer, transform=transform,
                             collator=collator, num_workers=num_workers, pin_memory=pin_memory,
-                            start_micro=start_step * accum, start_epoch=start_step // max(1, steps_per_epoch))
+                            start_micro=start_step * accum, start_epoch=start_step // max(1, steps_per_epoch),
+                            accum=accum)
 

@@ -11,7 +11,9 @@ import numpy as np
 
 from pijepa.data.wds.spec import ShardSet
 
-TAG_ORDER, TAG_DRAW, TAG_SHUFFLE = 1, 2, 3  # keep the seed streams of different uses apart
+# Keep the seed streams of different uses apart; TAG_RESEED marks the streams a resume at another
+# reader layout starts afresh (resampled mode), so they never coincide with the original ones.
+TAG_ORDER, TAG_DRAW, TAG_SHUFFLE, TAG_RESEED = 1, 2, 3, 4
 
 
 def mix_seed(*values: int) -> int:
@@ -43,15 +45,37 @@ class ReaderPlan:
     seed: int
     world_size: int
     workers: int  # logical workers per rank (1 for num_workers 0)
+    # resampled mode: the step at which a resume at another layout started fresh streams (None:
+    # the run's original streams); it is part of the loader state so that later resumes replay them
+    reseed: int | None = None
+
+    @property
+    def readers(self) -> int:
+        return self.world_size * self.workers
+
+    def _seed(self, tag: int, *values: int) -> int:
+        if self.reseed is None:  # the original streams: seeds as they always were (old checkpoints)
+            return mix_seed(self.seed, tag, *values)
+        return mix_seed(self.seed, TAG_RESEED, self.reseed, tag, *values)
+
+    def epoch_split(self, epoch: int) -> list[list[int]]:
+        """finite mode: every reader's shards of reader epoch ``epoch`` (reader index rank x workers + worker)."""
+        order = np.random.default_rng(self._seed(TAG_ORDER, epoch)).permutation(len(self.shards.urls))
+        return balanced_split(order.tolist(), self.shards.counts, self.readers)
 
     def epoch_shards(self, epoch: int, rank: int, worker: int) -> list[int]:
-        n, readers = len(self.shards.urls), self.world_size * self.workers
         if self.mode == "finite":
-            order = np.random.default_rng(mix_seed(self.seed, TAG_ORDER, epoch)).permutation(n)
-            return balanced_split(order.tolist(), self.shards.counts, readers)[rank * self.workers + worker]
-        rng = np.random.default_rng(mix_seed(self.seed, TAG_DRAW, epoch, rank, worker))
-        return rng.integers(0, n, size=math.ceil(n / readers)).tolist()
+            return self.epoch_split(epoch)[rank * self.workers + worker]
+        rng = np.random.default_rng(self._seed(TAG_DRAW, epoch, rank, worker))
+        return rng.integers(0, len(self.shards.urls), size=math.ceil(len(self.shards.urls) / self.readers)).tolist()
+
+    def shuffle_seed(self, epoch: int, rank: int, worker: int) -> int:
+        return self._seed(TAG_SHUFFLE, epoch, rank, worker)
 
     def epoch_length(self, shards: Sequence[int]) -> int | None:
         counts = [self.shards.counts[k] for k in shards]
         return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
+
+    def epoch_samples(self) -> int:
+        """Samples in one finite reader epoch: the indexed total, else the configured epoch."""
+        return self.epoch_length(range(len(self.shards.urls))) or len(self.shards)

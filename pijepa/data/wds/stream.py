@@ -15,7 +15,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from pijepa.data.folder import as_uint8
 from pijepa.data.transforms import crop_seed
-from pijepa.data.wds.plan import TAG_SHUFFLE, ReaderPlan, mix_seed
+from pijepa.data.wds.plan import ReaderPlan
 from pijepa.runtime.errors import DataError
 from pijepa.runtime.log import warn
 
@@ -159,7 +159,7 @@ class ShardStream(IterableDataset):
             stages: list[Any] = [functools.partial(iter, listed), _tar_samples(skips)]
             if self.shuffle_buffer > 1:
                 stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                          seed=mix_seed(self.plan.seed, TAG_SHUFFLE, epoch, self.rank, worker)))
+                                          seed=self.plan.shuffle_seed(epoch, self.rank, worker)))
             skips.at(epoch, 0)
             index = 0
             for index, sample in enumerate(wds.DataPipeline(*stages), 1):
