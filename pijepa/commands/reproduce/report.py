@@ -14,26 +14,29 @@ from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Any
 
+from pijepa.commands.reproduce.arms import versus_baseline
 from pijepa.commands.reproduce.plots import plot_accuracy, plot_losses
-from pijepa.commands.reproduce.spec import ARMS, EVAL_SETS, METRICS, PRETRAIN_SET, RANDOM, SPLITS, Arm, shown
+from pijepa.commands.reproduce.shares import collect_diagnostics, effective_weight, share_summary, share_table
+from pijepa.commands.reproduce.spec import BASELINE, EVAL_SETS, METRICS, RANDOM, SPLITS, Arm, shown
 from pijepa.commands.reproduce.stages import Plan, Settings, first_commands, train_sets
 from pijepa.commands.reproduce.tables import (
     CLEAR_POINTS,
     Results,
     accuracy_table,
     collect,
-    comparisons,
+    comparison,
     final_loss_table,
     final_losses,
     grouped_timings,
     linear_results,
-    margin_table,
     mean_std,
     per_seed_table,
+    random_section,
 )
 from pijepa.runtime.atomic import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
+    from pijepa.commands.reproduce.arms import Balance
     from pijepa.commands.reproduce.run import Book
     from pijepa.config import Config
 
@@ -68,7 +71,7 @@ def data_sizes(s: Settings) -> tuple[str, dict[str, Any], dict[str, Any]]:
     from pijepa.eval.datasets import list_images
     from pijepa.eval.features_io import load_features
 
-    first = ARMS[0].name(s.seeds[0])
+    first = s.arms[0].name(s.seeds[0])
     parts, sizes = [], {}
     meta = load_features(s.layout.features(first, EVAL_SETS[0].name, SPLITS[0]))["meta"]
     for ev in EVAL_SETS:
@@ -85,14 +88,14 @@ def data_sizes(s: Settings) -> tuple[str, dict[str, Any], dict[str, Any]]:
     return "; ".join(parts) + "." + note, sizes, meta
 
 
-def summary_lines(results: Results, seeds: list[int], finals: dict[str, dict[str, float]],
-                  all_wins: list[tuple[str, str, dict[str, int]]]) -> list[str]:
-    """Measured headline statements: gains over the random encoder (paired by seed), arm vs arm."""
+def summary_lines(results: Results, arms: tuple[Arm, ...], seeds: list[int], finals: dict[str, dict[str, float]],
+                  verdicts: list[str]) -> list[str]:
+    """Measured headline statements: gains over the random encoder (paired by seed), arm vs L2 verdicts."""
     cells = [(ev.name, m.key) for ev in EVAL_SETS for m in METRICS]
     lines: list[str] = []
     gains: dict[str, list[float]] = {}
     clear_counts = []
-    for a in ARMS:
+    for a in arms:
         diffs = [[y - x for x, y in zip(results[RANDOM.key][ds][m], results[a.key][ds][m])] for ds, m in cells]
         clear = sum(len(d) > 1 and mean_std(d)[0] > max(2 * mean_std(d)[1], CLEAR_POINTS) for d in diffs)
         gains[a.key] = [sum(d[i] for d in diffs) / len(cells) for i in range(len(seeds))]
@@ -106,22 +109,20 @@ def summary_lines(results: Results, seeds: list[int], finals: dict[str, dict[str
         lines.append("- So at this scale the pretrained encoders do **not** beat the random encoder by a clear "
                      "margin over the seeds; the numbers below are a pipeline check, not a reproduction of "
                      "the paper's gains.")
-    for base, cand, wins in all_wins:
-        lines.append(f"- {cand} vs {base}: a clear winner in {wins[cand] + wins[base]} of {sum(wins.values())} "
-                     f"cells ({cand} {wins[cand]}, {base} {wins[base]}); the paired differences are listed below.")
-    return lines + weak_seed_lines(seeds, gains, finals)
+    lines += [f"- {v}" for v in verdicts]
+    return lines + weak_seed_lines(arms, seeds, gains, finals)
 
 
-def weak_seed_lines(seeds: list[int], gains: dict[str, list[float]],
+def weak_seed_lines(arms: tuple[Arm, ...], seeds: list[int], gains: dict[str, list[float]],
                     finals: dict[str, dict[str, float]]) -> list[str]:
     """Seeds whose pretrained encoders are no better than their random one, with their final losses."""
     def losses(seed: int) -> list[float]:
-        return [finals[a.name(seed)]["loss"] for a in ARMS if a.name(seed) in finals]
+        return [finals[a.name(seed)]["loss"] for a in arms if a.name(seed) in finals]
 
     def text(seed: int) -> str:
-        return ", ".join(f"{a.key} {finals[a.name(seed)]['loss']:.4f}" for a in ARMS if a.name(seed) in finals)
+        return ", ".join(f"{a.key} {finals[a.name(seed)]['loss']:.4f}" for a in arms if a.name(seed) in finals)
 
-    weak = [x for i, x in enumerate(seeds) if all(gains[a.key][i] < CLEAR_POINTS for a in ARMS)]
+    weak = [x for i, x in enumerate(seeds) if all(gains[a.key][i] < CLEAR_POINTS for a in arms)]
     others = [y for y in seeds if y not in weak and losses(y)]
     lines = []
     for x in weak:
@@ -149,24 +150,26 @@ def linear_values(linear: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def knn_values(s: Settings) -> dict[str, str]:
-    knn = json.loads((s.layout.eval_dir(ARMS[0].name(s.seeds[0]), EVAL_SETS[0].name) / "knn.json").read_text())
+    knn = json.loads((s.layout.eval_dir(s.arms[0].name(s.seeds[0]), EVAL_SETS[0].name) / "knn.json").read_text())
     cos, paper = knn["protocols"]["weighted_cosine"], knn["protocols"]["euclidean_majority"]
     return {"temperature": f"{cos['temperature']:g}", "knn_ks": "k=" + ", ".join(map(str, cos["ks"])),
             "paper_knn": f"k={', '.join(map(str, paper['ks']))}, {paper['metric']}, majority vote"}
 
 
-def pkt_note(finals: dict[str, dict[str, float]], configs: dict[str, Config]) -> str:
+def pkt_note(finals: dict[str, dict[str, float]], configs: dict[str, Config], balance: Balance) -> str:
     lines = []
     for key, cfg in configs.items():
         ratios = [f["loss_pkt"] / f["loss_l2"] for name, f in finals.items()
                   if name.rsplit("_s", 1)[0] == key and f.get("loss_l2") and "loss_pkt" in f]
-        if _uses_pkt(cfg) and ratios:
+        weight = effective_weight(cfg, balance)
+        if weight is not None and ratios:
             o = cfg.optimization
             spread = f"{min(ratios):.2g}" + (f"–{max(ratios):.2g}" if len(ratios) > 1 else "")
-            lines.append(f"\nIn the {key} runs the PKT term is {spread} times the L2 term "
-                         f"at the last logged step (with `pkt_weight` {o.pkt_weight:g}; a KL averaged over all "
-                         f"entries of {o.pkt_chunk_size}x{o.pkt_chunk_size} similarity distributions with "
-                         f"{o.pkt_grouping} grouping).\n")
+            weighted = f"{weight * min(ratios):.2g}" + (f"–{weight * max(ratios):.2g}" if len(ratios) > 1 else "")
+            lines.append(f"\nIn the {key} runs the PKT term (a KL averaged over all entries of "
+                         f"{o.pkt_chunk_size}x{o.pkt_chunk_size} similarity distributions with {o.pkt_grouping} "
+                         f"grouping) is {spread} times the L2 term at the last logged step; weighted as in the "
+                         f"loss (pkt_weight {weight:.4g} as `L2_PKT`) {weighted} times.\n")
     return "".join(lines)
 
 
@@ -175,8 +178,8 @@ def setup_values(s: Settings, cfg: Config, meta: dict[str, Any], train_images: i
     d, o, model = cfg.data, cfg.optimization, meta["model"]
     steps, batch = o.max_steps, d.batch_size
     return {
-        "pretrain_set": PRETRAIN_SET, "train_images": train_images,
-        "pretrain_src": shown(s.eval_roots[PRETRAIN_SET] / "train"), "wds_mode": d.wds_mode,
+        "pretrain_set": s.pretrain, "train_images": train_images,
+        "pretrain_src": shown(s.eval_roots[s.pretrain] / "train"), "wds_mode": d.wds_mode,
         "config": s.config, "crop": d.crop_size, "patch": cfg.mask.patch_size,
         "model": f"{cfg.meta.model_name} ({model['depth']} blocks of width {model['embed_dim']})",
         "tokens": (d.crop_size // cfg.mask.patch_size) ** 2, "batch": batch, "max_steps": steps,
@@ -193,39 +196,71 @@ def _template() -> Template:
     return Template(importlib.resources.files("pijepa.commands.reproduce").joinpath(TEMPLATE).read_text())
 
 
+def pkt_values(s: Settings, configs: dict[str, Config], results: Results) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The comparisons against L2 and the random encoder, PKT's gradient shares and the published balance."""
+    assert s.balance is not None
+    by_key = {a.key: a for a in s.arms}
+    sections, records = [], []
+    for base, cand in versus_baseline(s.arms):
+        text, record = comparison(results, by_key[base], by_key[cand])
+        sections.append(text)
+        records.append(record)
+    random_text, random_records = random_section(results, s.arms)
+    diags = collect_diagnostics(s.layout, s.arms, s.seeds)
+    published = [a.key for a in s.arms if a.key.endswith("@published")]
+    values = {"comparisons": "\n".join(sections) or f"(No {BASELINE} arm among `--arms`: no comparison against "
+                                                      "I-JEPA; each arm against the random encoder is below.)\n",
+              "random_section": random_text, "share_table": share_table(s.arms, configs, s.balance, diags, results),
+              "balance": s.balance.text(),
+              "balance_use": (f"`{published[0]}` trains `L2_PKT` with this pkt_weight; " if published else "")}
+    record = {"comparisons": records + random_records, "diagnostics": diags,
+              "published_pkt_weight": s.balance.as_dict(),
+              "arms": {a.key: {"label": a.label, "sets": list(a.sets),
+                               "loss": configs[a.key].optimization.loss_function,
+                               "l2_weight": configs[a.key].optimization.l2_weight,
+                               "pkt_weight": configs[a.key].optimization.pkt_weight,
+                               "pkt_weight_as_L2_PKT": effective_weight(configs[a.key], s.balance)}
+                       for a in s.arms}}
+    return values, record
+
+
 def write_report(s: Settings, plan: Plan, book: Book, docs: Path, rerun: str) -> Path:
     """results.md and its two PNG plots in `docs`, OUT/results.json; returns the path of results.md."""
-    lay = s.layout
-    results = collect(lay, s.seeds)
-    finals = final_losses(lay, s.seeds)
-    configs = {a.key: run_config(s, a, s.seeds[0]) for a in ARMS}
-    cfg = configs[ARMS[0].key]
+    lay, arms, balance = s.layout, s.arms, s.balance
+    assert balance is not None  # settings() resolves it with the arms
+    results = collect(lay, s.all_arms(), s.seeds)
+    finals = final_losses(lay, arms, s.seeds)
+    configs = {a.key: run_config(s, a, s.seeds[0]) for a in arms}
     eval_sizes, sizes, meta = data_sizes(s)
     train_images = int(json.loads(lay.shard_index.read_text())["num_samples"])
-    compared, all_wins = comparisons(results)
+    pkt, record = pkt_values(s, configs, results)
+    verdicts = [c["verdict"] for c in record["comparisons"] if c["base"] != RANDOM.key]
     values: dict[str, Any] = {
-        **setup_values(s, cfg, meta, train_images), **linear_values(linear_results(lay, s.seeds)),
-        **knn_values(s),
-        "title": " vs ".join([*(a.label for a in ARMS), "a random encoder"])
-        + f", pretrained on {PRETRAIN_SET} ({s.device.upper()} scale)",
+        **setup_values(s, configs[arms[0].key], meta, train_images),
+        **linear_values(linear_results(lay, s.all_arms(), s.seeds)), **knn_values(s), **pkt,
+        "title": " vs ".join([*(a.label for a in arms), "a random encoder"])
+        + f", pretrained on {s.pretrain} ({s.device.upper()} scale)",
         "smoke_title": " — SMOKE RUN, numbers mean nothing" if s.smoke else "",
-        "summary": "\n".join(summary_lines(results, s.seeds, finals, all_wins)),
+        "summary": "\n".join(summary_lines(results, arms, s.seeds, finals, verdicts)
+                             + share_summary(arms, record["diagnostics"])),
         "longer_runs": (f"- Longer and tuned runs, measured by hand: [{LONGER_RUNS}]({LONGER_RUNS}).\n"
                         if (docs / LONGER_RUNS).is_file() else ""),
         "rerun": rerun, "out": shown(lay.out), "report_dir": shown(docs),
         "example_commands": "\n".join(first_commands(plan)),
-        "arm_list": "; ".join(arm_text(a, configs[a.key]) for a in ARMS),
+        "arm_list": "; ".join(arm_text(a, configs[a.key]) for a in arms),
         "feature_dim": sizes[f"{EVAL_SETS[0].name}/train"]["dim"], "eval_sizes": eval_sizes,
-        "accuracy_table": accuracy_table(results), "per_seed_table": per_seed_table(results, s.seeds),
-        "comparisons": compared, "random_margins": margin_table(results),
-        "final_losses": final_loss_table(finals), "pkt_note": pkt_note(finals, configs),
+        "accuracy_table": accuracy_table(results, s.all_arms()),
+        "per_seed_table": per_seed_table(results, s.all_arms(), s.seeds),
+        "final_losses": final_loss_table(finals), "pkt_note": pkt_note(finals, configs, balance),
         "timings": grouped_timings(book.timings),
         "jobs_note": (f"\nWith `--jobs {s.jobs}` that many training runs overlap, so the wall time is shorter "
                       "than this sum.\n") if s.jobs > 1 and book.timings else "",
     }
-    plot_losses(lay, s.seeds, {a.key for a in ARMS if _uses_pkt(configs[a.key])}, docs / "results_loss_curves.png")
-    plot_accuracy(results, docs / "results_accuracy.png")
+    pkt_arms = {a.key for a in arms if _uses_pkt(configs[a.key])}
+    plot_losses(lay, arms, s.seeds, pkt_arms, docs / "results_loss_curves.png")
+    plot_accuracy(results, s.all_arms(), docs / "results_accuracy.png")
     atomic_write_json(lay.out / "results.json", {
         "settings": {k: v for k, v in values.items() if not isinstance(v, str) or "\n" not in v},
-        "data": sizes, "seeds": s.seeds, "results": results, "final_losses": finals, "timings_s": book.timings})
+        "data": sizes, "seeds": s.seeds, "pretrain": s.pretrain, "results": results, **record,
+        "final_losses": finals, "timings_s": book.timings})
     return atomic_write_text(docs / "results.md", _template().substitute(values))

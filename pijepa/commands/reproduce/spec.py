@@ -1,6 +1,7 @@
-"""What `pijepa reproduce` compares, as data: the pretraining arms, the evaluation sets, the metrics
-and the folder layout under OUT. The stages, the report and the plots iterate over these tuples, so
-another arm (another loss, another pkt_weight) or another evaluation set is one entry here."""
+"""What `pijepa reproduce` compares, as data: the arm type (the pretrained arms themselves come from
+`--arms`, see `arms`), the random encoder, the evaluation sets, the metrics and the folder layout
+under OUT. The stages, the report and the plots iterate over these, so another evaluation set or
+metric is one entry here."""
 
 from __future__ import annotations
 
@@ -23,21 +24,8 @@ class Arm:
 
 
 RANDOM = Arm("random", "random init", (), "tab:gray")
-ARMS = (
-    Arm("L2", "I-JEPA (L2)", ("optimization.loss_function=L2",), "tab:blue"),
-    Arm("L2_PKT", "Prob. I-JEPA (L2_PKT)", ("optimization.loss_function=L2_PKT",), "tab:red"),
-)
-# (baseline, candidate) arm keys: each gets a paired "candidate − baseline" table in the report.
-COMPARISONS = (("L2", "L2_PKT"),)
-
-
-def all_arms() -> tuple[Arm, ...]:
-    """The random encoder first, then the pretrained arms, in report order."""
-    return (RANDOM, *ARMS)
-
-
-def arm(key: str) -> Arm:
-    return next(a for a in all_arms() if a.key == key)
+BASELINE = "L2"  # every other pretrained arm gets a paired "arm − L2" comparison when L2 is among --arms
+DEFAULT_ARMS = "L2,L2_PKT"
 
 
 SPLITS = ("train", "test")
@@ -58,7 +46,7 @@ EVAL_SETS = (
     EvalSet("cifar10", {"train": "train_limit", "test": "test_limit"}, {"train": 16, "test": 8}),
     EvalSet("intel-scenes", {"train": "intel_train_limit", "test": None}, {"train": 10, "test": 5}),
 )
-PRETRAIN_SET = "cifar10"  # whose train split is written to shards and pretrained on
+DEFAULT_PRETRAIN = "cifar10"  # --pretrain: whose train split is written to shards and pretrained on
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pijepa.commands.reproduce.arms import Balance
 from pijepa.commands.reproduce.run import save_random_encoder
 from pijepa.commands.reproduce.spec import (
-    ARMS,
+    DEFAULT_PRETRAIN,
     EVAL_SETS,
     KNN_KS,
     KNN_TEMPERATURE,
     LINEAR_SEED,
     PAPER_K,
-    PRETRAIN_SET,
     RANDOM,
     SHARD_SEED,
     SMOKE,
@@ -52,6 +52,13 @@ class Settings:
     linear_epochs: int
     samples_per_shard: int
     limits: dict[tuple[str, str], int | None] = field(default_factory=dict)
+    pretrain: str = DEFAULT_PRETRAIN  # --pretrain: whose train split is written to shards
+    arms: tuple[Arm, ...] = ()  # the pretrained arms (--arms), in report order
+    balance: Balance | None = None  # the published L2_PKT_chunks balance at this run's shapes
+
+    def all_arms(self) -> tuple[Arm, ...]:
+        """The random encoder first, then the pretrained arms, in report order."""
+        return (RANDOM, *self.arms)
 
 
 @dataclass
@@ -88,7 +95,7 @@ def _file(path: Path) -> Callable[[], bool]:
 
 def shards_stage(s: Settings) -> Stage:
     lay = s.layout
-    argv = ["shards", "write", "--src", shown(s.eval_roots[PRETRAIN_SET] / "train"), "--out", shown(lay.shards),
+    argv = ["shards", "write", "--src", shown(s.eval_roots[s.pretrain] / "train"), "--out", shown(lay.shards),
             "--samples-per-shard", str(s.samples_per_shard), "--workers", str(max(s.workers, 1)),
             "--seed", str(SHARD_SEED), "--no-progress"]
     return Stage("shards", argv, lay.log("shards"), _file(lay.shard_index), process=True)
@@ -165,19 +172,15 @@ def eval_stages(s: Settings, name: str, ds: str) -> list[Stage]:
             Stage(f"{stage}/linear", linear_argv, lay.log(f"{stage}/linear"), _file(linear))]
 
 
-def encoder_names(seeds: list[int]) -> list[str]:
-    """Every encoder evaluated: the pretrained runs first (seed by seed), then the random ones."""
-    return [a.name(seed) for seed in seeds for a in ARMS] + [RANDOM.name(seed) for seed in seeds]
-
-
 def plan(s: Settings) -> Plan:
-    trained = [a.name(seed) for seed in s.seeds for a in ARMS]
+    """Every stage in order; the encoders are evaluated pretrained runs first (seed by seed), then random."""
+    trained = [a.name(seed) for seed in s.seeds for a in s.arms]
     after = [export_stage(s, name) for name in trained] + [random_stage(s, seed) for seed in s.seeds]
-    for name in encoder_names(s.seeds):
+    for name in trained + [RANDOM.name(seed) for seed in s.seeds]:
         for ev in EVAL_SETS:
             after += [features_stage(s, name, ev.name, split) for split in SPLITS]
             after += eval_stages(s, name, ev.name)
-    return Plan(shards_stage(s), [train_stage(s, a, seed) for seed in s.seeds for a in ARMS], after)
+    return Plan(shards_stage(s), [train_stage(s, a, seed) for seed in s.seeds for a in s.arms], after)
 
 
 def first_commands(p: Plan) -> list[str]:

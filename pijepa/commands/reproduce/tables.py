@@ -6,10 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pijepa.commands.reproduce.spec import ARMS, COMPARISONS, EVAL_SETS, METRICS, RANDOM, Layout, Metric, all_arms, arm
+from pijepa.commands.reproduce.spec import EVAL_SETS, METRICS, RANDOM, Arm, Layout, Metric
 
 # results[arm key][dataset][metric key] = per-seed accuracies (%), in seed order
 Results = dict[str, dict[str, dict[str, list[float]]]]
@@ -38,15 +39,15 @@ def _accuracy(eval_dir: Path, metric: Metric) -> float:
     return float(top1[str(metric.k)])
 
 
-def collect(layout: Layout, seeds: list[int]) -> Results:
+def collect(layout: Layout, arms: tuple[Arm, ...], seeds: list[int]) -> Results:
     return {a.key: {ev.name: {m.key: [_accuracy(layout.eval_dir(a.name(seed), ev.name), m) for seed in seeds]
-                              for m in METRICS} for ev in EVAL_SETS} for a in all_arms()}
+                              for m in METRICS} for ev in EVAL_SETS} for a in arms}
 
 
-def linear_results(layout: Layout, seeds: list[int]) -> list[dict[str, Any]]:
+def linear_results(layout: Layout, arms: tuple[Arm, ...], seeds: list[int]) -> list[dict[str, Any]]:
     """Every linear probe's result file, as the evaluations wrote it (or kept it from an earlier run)."""
     return [json.loads((layout.eval_dir(a.name(seed), ev.name) / "linear.json").read_text())
-            for a in all_arms() for seed in seeds for ev in EVAL_SETS]
+            for a in arms for seed in seeds for ev in EVAL_SETS]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -61,6 +62,11 @@ def fmt(values: list[float]) -> str:
     return f"{m:.2f} ± {s:.2f}"
 
 
+def fmt_diff(values: list[float]) -> str:
+    m, s = mean_std(values)
+    return f"{m:+.2f} ± {s:.2f}"
+
+
 def clear_gain(diffs: list[float]) -> bool:
     md, sd = mean_std(diffs)
     return len(diffs) > 1 and abs(md) > 2 * sd and abs(md) > CLEAR_POINTS
@@ -71,73 +77,111 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
 
 
-def accuracy_table(results: Results) -> str:
+def accuracy_table(results: Results, arms: tuple[Arm, ...]) -> str:
     return table(["encoder", "dataset", *(m.label for m in METRICS)],
                  [[a.label, ev.name, *(fmt(results[a.key][ev.name][m.key]) for m in METRICS)]
-                  for a in all_arms() for ev in EVAL_SETS])
+                  for a in arms for ev in EVAL_SETS])
 
 
-def per_seed_table(results: Results, seeds: list[int]) -> str:
+def per_seed_table(results: Results, arms: tuple[Arm, ...], seeds: list[int]) -> str:
     return table(["encoder", "dataset", "metric", *(f"seed {x}" for x in seeds)],
                  [[a.key, ev.name, m.label, *(f"{v:.2f}" for v in results[a.key][ev.name][m.key])]
-                  for a in all_arms() for ev in EVAL_SETS for m in METRICS])
+                  for a in arms for ev in EVAL_SETS for m in METRICS])
 
 
-def _verdict(base: str, cand: str, diffs: list[float]) -> tuple[str, str]:
-    """(winner or "tie" when not clear, table verdict)."""
-    md = mean_std(diffs)[0]
-    winner = cand if md > 0 else base if md < 0 else "tie"
-    if winner == "tie":
-        return "tie", "equal"
-    if clear_gain(diffs):
-        return winner, f"**{winner}** higher"
-    return "tie", f"{winner} higher, within the seed spread or < {CLEAR_POINTS} pt: no clear winner"
+@dataclass(frozen=True)
+class Cell:
+    """One dataset x metric of a paired comparison: `cand − base` per seed."""
+
+    dataset: str
+    metric: Metric
+    base: list[float]
+    cand: list[float]
+
+    @property
+    def diffs(self) -> list[float]:
+        return [y - x for x, y in zip(self.base, self.cand)]
+
+    @property
+    def sign(self) -> int:
+        """+1 / -1 when the candidate is clearly higher / lower, 0 when there is no clear difference."""
+        md = mean_std(self.diffs)[0]
+        return (1 if md > 0 else -1) if clear_gain(self.diffs) else 0
+
+    def verdict(self, base: str, cand: str) -> str:
+        md = mean_std(self.diffs)[0]
+        if self.sign:
+            return f"**{cand if self.sign > 0 else base}** clearly higher"
+        if len(self.diffs) < 2:
+            return "no clear difference (one seed: no spread)"
+        return ("no clear difference" if md == 0 else
+                f"no clear difference ({cand if md > 0 else base} higher by < 2 std or < {CLEAR_POINTS} pt)")
+
+    def as_dict(self) -> dict[str, Any]:
+        md, sd = mean_std(self.diffs)
+        return {"dataset": self.dataset, "metric": self.metric.key, "diffs": self.diffs, "mean": md, "std": sd,
+                "clear": self.sign}
 
 
-def comparison(results: Results, base: str, cand: str) -> tuple[str, dict[str, int]]:
-    """The `cand − base` section: paired differences per dataset and metric, and the clear wins."""
-    rows, wins = [], {base: 0, cand: 0, "tie": 0}
-    for ev in EVAL_SETS:
-        for m in METRICS:
-            a, b = results[base][ev.name][m.key], results[cand][ev.name][m.key]
-            diffs = [y - x for x, y in zip(a, b)]
-            winner, verdict = _verdict(base, cand, diffs)
-            wins[winner] += 1
-            md, sd = mean_std(diffs)
-            rows.append([ev.name, m.label, fmt(a), fmt(b), f"{md:+.2f} ± {sd:.2f}", verdict])
+def paired(results: Results, base: str, cand: str) -> list[Cell]:
+    return [Cell(ev.name, m, results[base][ev.name][m.key], results[cand][ev.name][m.key])
+            for ev in EVAL_SETS for m in METRICS]
+
+
+def verdict_line(base: str, cand: str, cells: list[Cell]) -> str:
+    """The comparison's verdict from its cells: "clear" only where |paired mean| > 2 std and > CLEAR_POINTS."""
+    n, seeds = len(cells), len(cells[0].diffs) if cells else 0
+    avg = sum(mean_std(c.diffs)[0] for c in cells) / max(n, 1)
+    head = f"{cand} vs {base}"
+    if seeds < 2:
+        return (f"Verdict {head}: **no clear difference can be stated from one seed** (the seed spread is "
+                f"unknown); mean paired difference {avg:+.2f} points over the {n} dataset × metric cells.")
+    up = [f"{c.dataset} {c.metric.key}" for c in cells if c.sign > 0]
+    down = [f"{c.dataset} {c.metric.key}" for c in cells if c.sign < 0]
+    if not up and not down:
+        return (f"Verdict {head}: **no clear difference** in any of the {n} dataset × metric cells (none has "
+                f"|paired mean| > 2 × seed std and > {CLEAR_POINTS} points; mean difference {avg:+.2f}).")
+    parts = [f"{cand} **clearly higher** in {len(up)} of {n} cells ({', '.join(up)})" if up else "",
+             f"**clearly lower** in {len(down)} ({', '.join(down)})" if down else "",
+             f"no clear difference in {n - len(up) - len(down)}"]
+    return f"Verdict {head}: " + "; ".join(x for x in parts if x) + f" (mean difference {avg:+.2f} points)."
+
+
+def comparison(results: Results, base: Arm, cand: Arm) -> tuple[str, dict[str, Any]]:
+    """The `cand − base` section: paired differences per dataset and metric, and its verdict line."""
+    cells = paired(results, base.key, cand.key)
+    rows = [[c.dataset, c.metric.label, fmt(c.base), fmt(c.cand), fmt_diff(c.diffs), c.verdict(base.key, cand.key)]
+            for c in cells]
+    verdict = verdict_line(base.key, cand.key, cells)
     text = "\n".join([
-        f"## {arm(base).label} vs {arm(cand).label}, as measured", "",
-        f"Difference {cand} − {base} paired by seed (mean ± std); \"clear\" means |mean| > 2 std and "
+        f"## {base.label} vs {cand.label}, as measured", "",
+        f"Difference {cand.key} − {base.key} paired by seed (mean ± std); \"clear\" means |mean| > 2 std and "
         f"> {CLEAR_POINTS} points.", "",
-        table(["dataset", "metric", base, cand, f"{cand} − {base}", "verdict"], rows), "",
-        f"Clear wins: {cand} {wins[cand]}, {base} {wins[base]}; no clear winner in {wins['tie']} of "
-        f"{sum(wins.values())} comparisons.", ""])
-    return text, wins
+        table(["dataset", "metric", base.key, cand.key, f"{cand.key} − {base.key}", "verdict"], rows), "",
+        f"{verdict}", ""])
+    return text, {"base": base.key, "candidate": cand.key, "verdict": verdict.replace("**", ""),
+                  "cells": [c.as_dict() for c in cells]}
 
 
-def comparisons(results: Results) -> tuple[str, list[tuple[str, str, dict[str, int]]]]:
-    sections, all_wins = [], []
-    for base, cand in COMPARISONS:
-        text, wins = comparison(results, base, cand)
-        sections.append(text)
-        all_wins.append((base, cand, wins))
-    return "\n".join(sections), all_wins
+def random_section(results: Results, arms: tuple[Arm, ...]) -> tuple[str, list[dict[str, Any]]]:
+    """Every pretrained arm against the random encoder of its seed: one table, one verdict line per arm."""
+    rows, verdicts, records = [], [], []
+    for a in arms:
+        cells = paired(results, RANDOM.key, a.key)
+        rows += [[a.key, c.dataset, c.metric.label, fmt(c.base), fmt(c.cand), fmt_diff(c.diffs),
+                  c.verdict(RANDOM.key, a.key)] for c in cells]
+        verdicts.append("- " + verdict_line(RANDOM.key, a.key, cells))
+        records.append({"base": RANDOM.key, "candidate": a.key, "verdict": verdicts[-1][2:].replace("**", ""),
+                        "cells": [c.as_dict() for c in cells]})
+    text = "\n".join([table(["encoder", "dataset", "metric", RANDOM.key, "encoder's", f"encoder − {RANDOM.key}",
+                             "verdict"], rows), "", *verdicts])
+    return text, records
 
 
-def margin_table(results: Results) -> str:
-    rows = []
-    for ev in EVAL_SETS:
-        for m in METRICS:
-            r = mean_std(results[RANDOM.key][ev.name][m.key])[0]
-            rows.append([ev.name, m.label, f"{r:.2f}",
-                         *(f"{mean_std(results[a.key][ev.name][m.key])[0] - r:+.2f}" for a in ARMS)])
-    return table(["dataset", "metric", RANDOM.key, *(f"{a.key} − {RANDOM.key}" for a in ARMS)], rows)
-
-
-def final_losses(layout: Layout, seeds: list[int]) -> dict[str, dict[str, float]]:
+def final_losses(layout: Layout, arms: tuple[Arm, ...], seeds: list[int]) -> dict[str, dict[str, float]]:
     """The last logged values of every pretraining run's metrics.csv."""
     res: dict[str, dict[str, float]] = {}
-    for a in ARMS:
+    for a in arms:
         for seed in seeds:
             m = read_metrics(layout.run_dir(a.name(seed)) / "metrics.csv")
             if m.get("step"):
