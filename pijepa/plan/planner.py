@@ -6,7 +6,7 @@ counts), activations.py (what a micro-step keeps), costs/ (one cost model per st
 communication), memory.py (the peak phase), this module (the rows of the plan, the micro-batch
 search) and report.py (the table and the JSON).
 
-Step time = FLOPs (`bench_step.step_flops` at the mean context and target lengths of the config's
+Step time = FLOPs (`plan.flops.step_flops` at the mean context and target lengths of the config's
 masks, plus the recomputed forward under activation checkpointing) / (utilisation x datasheet dense
 bf16 peak). Communication (costs/base.py) is per GPU per optimizer step.
 """
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TypedDict
 
 from pijepa.plan.activations import LossSpec, checkpointed_blocks, pkt_groups
 from pijepa.plan.costs import PLAN_STRATEGIES, Communication, configured_strategy, cost_model
+from pijepa.plan.flops import step_flops, transformer_flops
 from pijepa.plan.hardware import GPUS, GPUSpec
 from pijepa.plan.memory import MemoryEstimate, estimate_memory
 from pijepa.plan.shapes import (
@@ -41,8 +42,7 @@ PLAN_AC = ("none", "full")
 
 def micro_step_flops(shape_args: ShapeArgs, batch: int, tokens: Tokens, ac: str, ac_every: int,
                      loss: LossSpec) -> float:
-    """`bench_step.step_flops` at these lengths, plus the forward recomputed under checkpointing."""
-    from pijepa.bench.step import step_flops, transformer_flops
+    """`plan.flops.step_flops` at these lengths, plus the forward recomputed under checkpointing."""
 
     encoder, predictor = meta_models(*shape_args)
     ctx, tgt, m = tokens.ctx, tokens.tgt, tokens.num_targets

@@ -20,8 +20,9 @@ LAYERS = (
     ("data",),
     ("parallel",),
     ("config",),
+    ("plan",),  # below train: the trainer asks it for the micro-batch (data.batch_size: auto)
     ("train",),
-    ("eval", "plan", "bench"),
+    ("eval", "bench"),
     ("commands",),
     ("cli", "__main__", "__init__"),
 )

@@ -333,7 +333,14 @@ def test_communication_volumes() -> None:
     grad_op = C.communication_bytes(s, "fsdp_grad_op", n, 3, True)
     assert grad_op.all_gather == pytest.approx(3 * ring * 2 * (p + pe))
     z2 = C.communication_bytes(s, "zero2", n, 3, True)
-    assert z2.reduce_scatter == pytest.approx(3 * ring * 2 * psi) and z2.all_gather == pytest.approx(ring * 2 * p)
+    # Gradients reduced in fp32 (communication_data_type, issue 15; was bf16: 3 * ring * 2 * psi);
+    # the bf16 EMA all-reduces the encoder's fp32 master weights (990 trained elements) every step.
+    assert z2.reduce_scatter == pytest.approx(3 * ring * 4 * psi) and z2.all_gather == pytest.approx(ring * 2 * p)
+    assert z2.all_reduce == pytest.approx(2 * ring * 4 * 990)
+    assert C.communication_bytes(s, "zero2", n, 3, False).all_reduce == 0  # fp32: the module is the master
+    assert C.communication_bytes(s, "zero3", n, 3, True).all_reduce == 0  # the master partitions are local
+    bf16_reduction = C.ZeroCost(2, ds=C.DSSettings(fp32_reduction=False))
+    assert bf16_reduction.communication(s, n, n, 3, True).reduce_scatter == pytest.approx(3 * ring * 2 * psi)
 
 
 def test_checkpointing_orders_memory() -> None:
@@ -387,6 +394,17 @@ def test_recipes_reach_batch_2048_on_16_a100_80gb(recipe_plans, path: str) -> No
     assert "FSDP full" in text and "ZeRO-3" in text and "fastest that fits" in text
 
 
+@pytest.mark.parametrize("path", ["configs/in22k_vith14_ep66.yaml", "configs/in22k_vitg16_ep44.yaml"])
+def test_in22k_recipes_run_at_the_planned_micro_batch_without_accumulation(recipe_plans, path: str) -> None:
+    """Issue 17: the recipes use the micro-batch the planner picks for their strategy on 16 x
+    A100-80GB, with accumulation x1 (no re-gathered parameters, no unsharded gradients kept)."""
+    plan = recipe_plans[path]
+    configured = plan["configured"]
+    assert configured["fits"] and configured["accumulation"] == 1, R.format_plan(plan, path)
+    row = next(r for r in plan["rows"] if (r.strategy, r.ac) == (configured["strategy"], configured["ac"]))
+    assert row.fits and row.micro_batch == configured["micro_batch"] == 128
+
+
 def test_max_micro_batch_is_the_edge_of_fitting(recipe_plans) -> None:
     plan = recipe_plans["configs/in1k_vith14_ep300.yaml"]
     row = next(r for r in plan["rows"] if (r.strategy, r.ac) == ("ddp", "none"))
@@ -438,7 +456,7 @@ def test_bad_arguments_are_refused() -> None:
 
 
 def test_step_flops_reuse_bench_step_and_add_the_recomputation() -> None:
-    from pijepa.bench.step import step_flops, transformer_flops
+    from pijepa.plan.flops import step_flops, transformer_flops
 
     args = ("vit_huge", 14, 224, 12, 384)
     encoder, predictor = S.meta_models(*args)
