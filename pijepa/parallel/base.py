@@ -142,6 +142,22 @@ class Strategy(ABC):
         dist.all_reduce(t)
         return bool(t.item() > 0)
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` (picklable) on every rank. For decisions that rank 0 alone makes, such as
+        the checkpoint to resume: on a shared filesystem another node's directory listing may be
+        stale, and ranks that each chose for themselves could load different checkpoints."""
+        if self.world_size == 1:
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=0, device=self.device)  # NCCL: staged on this rank's GPU
+        return holder[0]
+
+    def finished_save(self, folder: Path) -> bool:
+        """Whether `folder`, a save that was never renamed (a `.tmp` folder left by a crash),
+        holds every rank's part, so that it can be completed instead of deleted. The default is
+        False: a format that cannot tell a finished save from an interrupted one loses it."""
+        return False
+
     def local_tensors(self) -> list[torch.Tensor]:
         """This rank's parameters of the encoder, predictor and target (its shards when sharded)."""
         tensors = []

@@ -71,6 +71,13 @@ def unfinished_dir(final: Path) -> Path:
     return final.with_name(final.name + ".tmp")
 
 
+def finished_dir(unfinished: Path) -> Path:
+    """The final name of a `step_XXXXXXXX.tmp` folder (the inverse of unfinished_dir)."""
+    if not _UNFINISHED_STEP_DIR.match(Path(unfinished).name):
+        raise ValueError(f"{unfinished}: not an unfinished step folder")  # a bug: callers list .tmp folders
+    return Path(unfinished).with_name(Path(unfinished).name.removesuffix(".tmp"))
+
+
 def step_of(folder: Path) -> int:
     """The step of a checkpoint folder `step_XXXXXXXX`."""
     match = _STEP_DIR.match(Path(folder).name)

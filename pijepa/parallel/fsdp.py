@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -50,6 +52,7 @@ from pijepa.parallel.options import DistConfig, RunShape
 from pijepa.parallel.parallelize import apply_ac, apply_compile, apply_fsdp, canonical_name
 from pijepa.parallel.single import pick_device
 from pijepa.runtime.errors import CheckpointError, ConfigError, LaunchError
+from pijepa.runtime.log import console
 
 FORMAT = "pijepa-fsdp-v1"
 METADATA_FILE = ".metadata"  # written by DCP; its presence identifies the format
@@ -59,15 +62,46 @@ MODEL_PARTS = ("encoder", "predictor", "target_encoder")
 _OPTIM_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def build_mesh(device_type: str, world_size: int, sharding: str, hybrid_shard_size: int) -> DeviceMesh:
-    """1-D ("shard",) mesh for full/grad_op; 2-D ("replicate", "shard") for hybrid, with
-    `hybrid_shard_size` ranks per shard group (0: the ranks of one node, LOCAL_WORLD_SIZE)."""
+# The ranks on this node, by the launcher that set them: torchrun, DeepSpeed's launcher, then srun
+# starting one task per rank (its --ntasks-per-node). `hybrid` shards within a node by default.
+LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+
+
+def ranks_per_node(environ: Mapping[str, str]) -> tuple[int, str] | None:
+    """(ranks on this node, the variable it came from), or None when no launcher says."""
+    for name in LOCAL_SIZE_VARS:
+        value = environ.get(name, "").strip()
+        if not value:
+            continue
+        if not value.isdigit() or int(value) < 1:
+            raise LaunchError(f"{name}={value!r}: expected the number of ranks on this node (a positive integer)")
+        return int(value), name
+    return None
+
+
+def hybrid_shard_size(hybrid_shard_size: int, world_size: int, environ: Mapping[str, str]) -> tuple[int, str]:
+    """Ranks per shard group of `hybrid` and where that number came from: dist.hybrid_shard_size,
+    else the ranks of one node as the launcher gives them; refused when neither is known (a
+    silent fallback to one shard group over every rank would be plain FSDP across nodes)."""
+    if hybrid_shard_size:
+        shard, source = hybrid_shard_size, "dist.hybrid_shard_size"
+    else:
+        found = ranks_per_node(environ)
+        if found is None:
+            raise LaunchError(f"dist.fsdp_sharding hybrid with dist.hybrid_shard_size 0 shards within a node, but "
+                              f"the launcher set none of {', '.join(LOCAL_SIZE_VARS)}; set dist.hybrid_shard_size "
+                              f"to the ranks per shard group")
+        shard, source = found
+    if world_size % shard:
+        raise ConfigError(f"dist.hybrid_shard_size {shard} (from {source}) must divide the world size {world_size}")
+    return shard, source
+
+
+def build_mesh(device_type: str, world_size: int, sharding: str, shard: int) -> DeviceMesh:
+    """1-D ("shard",) mesh for full/grad_op; 2-D ("replicate", "shard") for hybrid, with `shard`
+    ranks per shard group (hybrid_shard_size's answer; it divides the world size)."""
     if sharding != "hybrid":
         return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
-    shard = hybrid_shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    if shard < 1 or world_size % shard:
-        raise ConfigError(f"dist.hybrid_shard_size {shard} must divide the world size {world_size} "
-                          f"(0 means the ranks per node, LOCAL_WORLD_SIZE)")
     return init_device_mesh(device_type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
@@ -80,6 +114,9 @@ class FSDPStrategy(Strategy):
                              "(e.g. torchrun --nproc_per_node 2 -m pijepa train ...), which sets RANK, "
                              "WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
         self.cfg, self.bf16 = dist_cfg or DistConfig(), (shape or RunShape()).bf16
+        # Resolved before the process group starts: a launch that cannot say fails at once.
+        self._hybrid = (hybrid_shard_size(self.cfg.hybrid_shard_size, self.world_size, os.environ)
+                        if self.cfg.fsdp_sharding == "hybrid" else None)
         # The GPU is chosen before NCCL starts, so that its communicators bind to LOCAL_RANK's GPU.
         self.device = pick_device(self.local_rank)
         if not dist.is_initialized():
@@ -95,7 +132,11 @@ class FSDPStrategy(Strategy):
               optimizer_kwargs: dict[str, Any]) -> JEPAModels:
         c = self.cfg
         self.accum_steps, self.clip_grad = accum_steps, clip_grad
-        self.mesh = build_mesh(self.device.type, self.world_size, c.fsdp_sharding, c.hybrid_shard_size)
+        shard = self._hybrid[0] if self._hybrid else self.world_size
+        self.mesh = build_mesh(self.device.type, self.world_size, c.fsdp_sharding, shard)
+        if self._hybrid:
+            console(f"FSDP hybrid: {self.world_size // shard} replica group(s) x {shard} rank(s) per shard group "
+                    f"(from {self._hybrid[1]})")
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if self.bf16 else MixedPrecisionPolicy())
         encoder, predictor, target = models.encoder, models.predictor, models.target_encoder
@@ -212,6 +253,18 @@ class FSDPStrategy(Strategy):
         self._pending = saving.upload_completion if isinstance(saving, AsyncSaveResponse) else saving
         return self._pending
 
+    def finished_save(self, folder: Path) -> bool:
+        # DCP writes `.metadata` last: its coordinator writes it once every rank's shards are
+        # written (it gathers their write results first), aside, fsynced, then renamed into place.
+        # `extra.pt` and each rank's RNG file are written before that rank enters the save.
+        if not (folder / METADATA_FILE).is_file():
+            return False
+        try:
+            world_size = int(read_head(folder)["world_size"])
+        except Exception:  # a damaged extra.pt: not a save to complete
+            return False
+        return all((folder / rng_file(r)).is_file() for r in range(world_size))
+
     def wait(self) -> None:
         """Blocks until this rank's part of an asynchronous save in flight is written."""
         if self._pending is not None:
@@ -244,15 +297,26 @@ class FSDPStrategy(Strategy):
 
 def read_full_state(folder: Path) -> dict[str, Any]:
     """Unsharded encoder / predictor / target state dicts and `extra` of a checkpoint folder, read
-    in this one process (no process group, any world size at save time); for `pijepa export`."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
+    in this one process (no process group, any world size at save time); for `pijepa export`.
+    The plain tensors to read into are made from DCP's metadata (global shapes and dtypes); the
+    optimizer state is not read."""
     folder = Path(folder)
     head = read_head(folder)
-    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent
+    reader = FileSystemReader(folder)
+    metadata = reader.read_metadata()
+    state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in MODEL_PARTS}
+    for key, entry in metadata.state_dict_metadata.items():
+        # The saved dict was {part: {fqn: tensor}}: planner_data maps each flat key to that path.
+        part, *rest = (metadata.planner_data or {}).get(key, key.split(".", 1))
+        if part not in state:
+            continue
+        if not isinstance(entry, TensorStorageMetadata) or len(rest) != 1:
+            raise CheckpointError(f"{folder}: {key} is not a tensor of {part} (expected model state dicts)")
+        state[part][str(rest[0])] = torch.empty(entry.size, dtype=entry.properties.dtype)
+    with warnings.catch_warnings():  # "torch.distributed is disabled ... a single process" is the intent
         warnings.simplefilter("ignore")
-        state = _load_state_dict_from_keys(set(MODEL_PARTS), checkpoint_id=str(folder))
-    return {**{name: state[name] for name in MODEL_PARTS}, "extra": head["extra"]}
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return {**state, "extra": head["extra"]}
 
 
 def read_head(folder: Path) -> dict[str, Any]:

@@ -26,7 +26,8 @@ class DistConfig:
     # unsharded between forward and backward (ZeRO-2 like); hybrid = shard within a node,
     # replicate across nodes over a 2-D mesh of hybrid_shard_size ranks per shard group.
     fsdp_sharding: FsdpSharding = "full"
-    # ranks per shard group for hybrid; 0 = ranks per node (LOCAL_WORLD_SIZE)
+    # ranks per shard group for hybrid; 0 = ranks per node, from the launcher (LOCAL_WORLD_SIZE of
+    # torchrun, LOCAL_SIZE of DeepSpeed's launcher, SLURM_NTASKS_PER_NODE); refused when none is set
     hybrid_shard_size: int = bounded(0, min=0, expected="0 (ranks per node) or a positive divisor of the world size")
     activation_checkpointing: ACMode = "none"  # none | full (every block) | selective (every ac_every-th)
     ac_every: int = bounded(2, min=1)  # selective: checkpoint every ac_every-th block

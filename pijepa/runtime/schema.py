@@ -124,11 +124,20 @@ def check_fields(section: Any, source_of: Callable[[str], str], prefix: str = ""
     for f in fields:
         value, key = values[f.name], prefix + f.name
         choices = literal_choices(hints[f.name])
-        if choices and value not in choices and not (value is None and _optional(hints[f.name])):
+        if choices and value not in choices and not (value is None and _optional(hints[f.name])) \
+                and not _of_other_member(value, hints[f.name]):
             raise not_allowed(source_of(key), key, value, choices_text(choices))
         for check in checks_of(f):
             if not check.allows(value):
                 raise not_allowed(source_of(key), key, value, check.expected.format(**values))
+
+
+def _of_other_member(value: Any, hint: Any) -> bool:
+    """`value` is an instance of a plain type of a union such as `bool | Literal["auto"]`."""
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
+        return False
+    plain = [a for a in typing.get_args(hint) if isinstance(a, type) and a is not type(None)]
+    return any(isinstance(value, t) for t in plain)
 
 
 def _optional(hint: Any) -> bool:

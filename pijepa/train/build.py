@@ -48,10 +48,18 @@ def model_entry(cfg: Config) -> dict:
     return entry
 
 
-def build_loss_fn(cfg: Config):
+def build_loss_fn(cfg: Config, device: torch.device | None = None):
     o = cfg.optimization
     return build_loss(o.loss_function, grouping=o.pkt_grouping, chunk_size=o.pkt_chunk_size,
-                      l2_weight=o.l2_weight, pkt_weight=o.pkt_weight, fused=o.fused_loss)
+                      l2_weight=o.l2_weight, pkt_weight=o.pkt_weight, fused=use_fused_loss(cfg, device))
+
+
+def use_fused_loss(cfg: Config, device: torch.device | None) -> bool:
+    """optimization.fused_loss, with `auto` resolved to the faster path measured for the device."""
+    o = cfg.optimization
+    if isinstance(o.fused_loss, bool):
+        return o.fused_loss
+    return (device is not None and device.type == "cuda") or o.pkt_grouping == "image"
 
 
 def build_collator(cfg: Config) -> MultiBlockMaskCollator:

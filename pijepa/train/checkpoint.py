@@ -3,15 +3,20 @@
 A checkpoint is first written to `step_XXXXXXXX.tmp/` (by every rank, in whatever form the
 strategy uses) and renamed by rank 0 once all ranks are done, so an interrupted save never
 replaces a good checkpoint; `latest` names the newest complete one. A strategy may save
-asynchronously (its `save` returns a handle): the rename then waits for the handle, at the next
-save or at `wait()` (the trainer calls it before exiting).
+asynchronously (its `save` returns a handle): the trainer calls `poll()` at every step, which
+completes the checkpoint (rename, `latest`, pruning) at the first step boundary where every rank's
+handle is done; at the latest, the next save or `wait()` (before exiting) completes it.
 
-On resume, `.tmp` folders (saves that were interrupted) are reported and removed, and the newest
-complete checkpoint that loads is used: one that does not (a truncated or corrupt file, a pickle
-that `weights_only` loading refuses) is reported and renamed `step_XXXXXXXX.unreadable`, and the
-one before it is tried. A checkpoint that loads but belongs to another architecture or strategy
-(a CheckpointError from the strategy) stops the run instead: that is a configuration mistake.
-The folder names and their listing are pijepa.parallel.formats' (export reads the same folders).
+On resume, rank 0 alone looks at the folder and tells the other ranks what it found (on a shared
+filesystem another node's listing may be stale). A `.tmp` folder that the strategy recognises as a
+finished save (FSDP: DCP's `.metadata`, written last and atomically) is completed, as if the run
+had lived to rename it; other `.tmp` folders (interrupted saves) are reported and removed. Then
+the newest complete checkpoint that loads is used: one that does not (a truncated or corrupt file,
+a pickle that `weights_only` loading refuses) is reported and renamed `step_XXXXXXXX.unreadable`,
+and the one before it is tried. A checkpoint that loads but belongs to another architecture or
+strategy (a CheckpointError from the strategy) stops the run instead: that is a configuration
+mistake. The folder names and their listing are pijepa.parallel.formats' (export reads the same
+folders).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pijepa.parallel.base import Strategy
 from pijepa.parallel.formats import (
     CHECKPOINTS_DIR,
     LATEST_FILE,
+    finished_dir,
     step_dir_name,
     step_folders,
     unfinished_dir,
@@ -80,7 +86,7 @@ class Checkpointer:
         self._pending: tuple[Any, Path, Path] | None = None  # (handle, tmp, final) of an async save
 
     def complete(self) -> list[Path]:
-        """Complete checkpoint folders, oldest first."""
+        """Complete checkpoint folders, oldest first (this rank's listing)."""
         return step_folders(self.root)
 
     def latest(self) -> Path | None:
@@ -102,6 +108,17 @@ class Checkpointer:
             self.wait()
         return final
 
+    def poll(self) -> None:
+        """Completes an asynchronous save in flight once every rank's part is written; called by
+        every rank at every step boundary. Saves happen at the same steps on every rank, so all
+        ranks agree whether one is in flight; whether it is done is then agreed by one all-reduce
+        (only while a save is in flight), so that all ranks complete it at the same step."""
+        if self._pending is None:
+            return
+        handle = self._pending[0]
+        if not self.strategy.any_rank(handle is not None and not handle.done()):
+            self.wait()
+
     def wait(self) -> None:
         """Completes the save in flight, if any: waits for this rank's writes, then (once every
         rank is done) renames the folder, updates `latest` and prunes old checkpoints."""
@@ -112,13 +129,17 @@ class Checkpointer:
             handle.result()
         self.strategy.barrier()
         if self.strategy.is_main:
-            if final.exists():  # a re-run of the same step after a resume: replace it
-                shutil.rmtree(final)
-            tmp.rename(final)  # a folder: renamed as a whole, never rewritten (see the module docstring)
-            atomic_write_text(self.root / LATEST_FILE, final.name + "\n")
-            for old in self.complete()[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._finish(tmp, final)
         self.strategy.barrier()
+
+    def _finish(self, tmp: Path, final: Path) -> None:
+        """Rank 0: the written folder `tmp` becomes the checkpoint `final`."""
+        if final.exists():  # a re-run of the same step after a resume: replace it
+            shutil.rmtree(final)
+        tmp.rename(final)  # a folder: renamed as a whole, never rewritten (see the module docstring)
+        atomic_write_text(self.root / LATEST_FILE, self.complete()[-1].name + "\n")
+        for old in self.complete()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def load(self, folder: Path) -> dict[str, Any]:
         """Loads one given checkpoint (meta.read_checkpoint); a checkpoint that cannot be used is a
@@ -139,9 +160,10 @@ class Checkpointer:
         return extra
 
     def resume(self) -> tuple[Path, dict[str, Any]] | None:
-        """Loads the newest complete checkpoint that is readable on every rank; None if none is."""
-        self._remove_incomplete()
-        for folder in reversed(self.complete()):
+        """Loads the newest complete checkpoint that is readable on every rank; None if none is.
+        The candidates are rank 0's (see `_candidates`): every rank tries the same folders."""
+        for name in reversed(self._candidates()):
+            folder = self.root / name
             error: Exception | None = None
             try:
                 extra = self.strategy.load(folder)
@@ -157,12 +179,27 @@ class Checkpointer:
             self._quarantine(folder, error)
         return None
 
-    def _remove_incomplete(self) -> None:
+    def _candidates(self) -> list[str]:
+        """Rank 0 settles the unfinished saves and lists the complete checkpoints; every rank gets
+        rank 0's list (the broadcast also holds the others until rank 0 is done with the folder)."""
+        names = None
         if self.strategy.is_main:
-            for tmp in unfinished_step_folders(self.root):
+            self._settle_unfinished()
+            names = [p.name for p in self.complete()]
+        return self.strategy.broadcast_object(names)
+
+    def _settle_unfinished(self) -> None:
+        """Rank 0: completes `.tmp` folders holding a finished save (the run died before renaming
+        it: an async save between its end and the next step, or a crash just before the rename)
+        and removes the others (interrupted saves)."""
+        for tmp in unfinished_step_folders(self.root):
+            if self.strategy.finished_save(tmp):
+                warn(f"completing checkpoint {tmp}: its save had finished on every rank, the run stopped "
+                     f"before renaming it")
+                self._finish(tmp, finished_dir(tmp))
+            else:
                 warn(f"removing incomplete checkpoint {tmp} (its save was interrupted)")
                 shutil.rmtree(tmp, ignore_errors=True)
-        self.strategy.barrier()
 
     def _quarantine(self, folder: Path, error: Exception | None) -> None:
         """Moves an unreadable checkpoint aside (kept for inspection, never resumed from again)."""

@@ -41,7 +41,10 @@ def collapse_stats(h: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens = h.detach().float()
         pooled = F.layer_norm(tokens, tokens.shape[-1:]).mean(1)  # [B, D]
         std = pooled.std(0).mean() if pooled.shape[0] > 1 else pooled.new_zeros(())
-        sigma = torch.linalg.svdvals(pooled)
+        # A diverged step has non-finite targets, on which the SVD fails: its rank is NaN instead
+        # (decided on the device, no host sync).
+        finite = torch.isfinite(pooled).all()
+        sigma = torch.linalg.svdvals(torch.where(finite, pooled, torch.zeros_like(pooled)))
         p = sigma / sigma.sum().clamp_min(torch.finfo(torch.float32).tiny) + RANK_EPS
-        rank = torch.exp(-(p * p.log()).sum())
+        rank = torch.where(finite, torch.exp(-(p * p.log()).sum()), torch.full_like(std, float("nan")))
     return {"target_std": std, "target_rank": rank}

@@ -62,7 +62,7 @@ class Trainer:
         self.models = self.strategy.setup(build_models(cfg), self.accum, o.clip_grad,
                                           {"lr": o.start_lr, "weight_decay": o.weight_decay})
         self.device = self.strategy.device
-        self.loss_fn = build_loss_fn(cfg)
+        self.loss_fn = build_loss_fn(cfg, self.device)
         self.autocast = cfg.meta.use_bfloat16
         self.checkpointer = Checkpointer(self.run_dir, self.strategy, cfg.logging.keep_checkpoints)
         self.last_checkpoint: Path | None = None
@@ -175,6 +175,7 @@ class Trainer:
                 self._count_nonfinite(applied, done, loss, parts)
                 self._log(done, micro_batches, loss, parts, grad_norm, bar)
                 preempted = s.any_rank(preemption.requested)
+                self.checkpointer.poll()  # an async save in flight is completed once every rank wrote it
                 if done % self.cfg.logging.checkpoint_freq == 0 or done == self.total_steps or preempted:
                     self._save(done)
                 if preempted:

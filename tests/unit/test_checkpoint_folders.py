@@ -1,7 +1,9 @@
 """A run's checkpoint folders, in process: one listing for the trainer and for export, `latest`
-written atomically, and which errors of a strategy's load stop a resume, which set a checkpoint
-aside, and which keep their traceback."""
+written atomically, which errors of a strategy's load stop a resume, which set a checkpoint
+aside, and which keep their traceback; asynchronous saves completed as soon as they are written,
+and finished-but-not-renamed saves completed on resume."""
 
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from pijepa.parallel.base import JEPAModels, Strategy
 from pijepa.parallel.formats import (
     CheckpointNotFoundError,
     find_checkpoint,
+    finished_dir,
     list_checkpoints,
     step_dir_name,
     step_folders,
@@ -136,3 +139,57 @@ def test_a_strategy_names_the_strategy_that_wrote_a_folder(tmp_path):
                 continue
             with pytest.raises(CheckpointError, match=f"it holds {marker}: written by dist.strategy {writer}"):
                 read(folder)
+
+
+class AsyncFakeStrategy(FakeStrategy):
+    """Saves "in the background": the marker is written when the test completes the handle, and
+    a folder holding the marker is a finished save (as DCP's `.metadata` is for FSDP)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handles: list[Future] = []
+
+    def save(self, folder: Path, extra: dict[str, Any]) -> Future:
+        handle: Future = Future()
+        handle.add_done_callback(lambda _: (folder / "marker").write_text(str(extra["step"])))
+        self.handles.append(handle)
+        return handle
+
+    def finished_save(self, folder: Path) -> bool:
+        return (folder / "marker").is_file()
+
+
+def test_poll_completes_an_async_save_as_soon_as_it_is_written(tmp_path):
+    strategy = AsyncFakeStrategy()
+    checkpointer = Checkpointer(tmp_path, strategy, keep=10)
+    root = tmp_path / "checkpoints"
+    final = checkpointer.save(4, {"step": 4})
+    checkpointer.poll()  # still being written: nothing is renamed
+    assert [p.name for p in unfinished_step_folders(root)] == ["step_00000004.tmp"] and not final.exists()
+    strategy.handles[-1].set_result(None)
+    checkpointer.poll()  # written: completed at this step boundary, not at the next save
+    assert final.is_dir() and unfinished_step_folders(root) == []
+    assert (root / "latest").read_text() == "step_00000004\n"
+    checkpointer.poll()  # nothing in flight: a no-op
+    assert step_folders(root) == [final]
+
+
+def test_resume_completes_a_finished_save_and_removes_an_interrupted_one(tmp_path):
+    run = saved_run(tmp_path, steps=(2, 4))
+    root = run / "checkpoints"
+    strategy = AsyncFakeStrategy()
+    # A run that died after its async save of step 6 was written, before the rename...
+    Checkpointer(run, strategy, keep=2).save(6, {"step": 6})
+    strategy.handles[-1].set_result(None)
+    (root / "step_00000008.tmp").mkdir()  # ...and one whose save of step 8 never finished
+    folder, extra = Checkpointer(run, strategy, keep=2).resume()
+    assert folder == root / "step_00000006" and extra["step"] == 6
+    assert [p.name for p in step_folders(root)] == ["step_00000004", "step_00000006"]  # keep=2 pruned step 2
+    assert unfinished_step_folders(root) == [] and (root / "latest").read_text() == "step_00000006\n"
+    assert find_checkpoint(run) == folder
+    # A strategy that cannot tell (the default) loses an unrenamed save, as before.
+    (root / "step_00000010.tmp").mkdir()
+    (root / "step_00000010.tmp" / "marker").write_text("10")
+    assert Checkpointer(run, FakeStrategy(), keep=2).resume()[0] == folder
+    assert not (root / "step_00000010.tmp").exists()
+    assert finished_dir(root / "step_00000010.tmp") == root / "step_00000010"

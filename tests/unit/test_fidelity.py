@@ -125,3 +125,12 @@ def test_term_gradient_norms_and_collapse_stats_against_plain_autograd():
     stats = collapse_stats(h[:1].repeat(8, 1, 1))
     assert stats["target_std"].item() < 1e-6 and abs(stats["target_rank"].item() - 1) < 1e-3
     assert collapse_stats(torch.randn(64, 16, 32))["target_rank"].item() > 20
+
+
+def test_collapse_stats_of_a_diverged_step_are_nan_not_an_error():
+    from pijepa.train.diagnostics import collapse_stats
+
+    h = torch.randn(4, 16, 32)
+    h[1, 3, 5] = float("nan")
+    stats = collapse_stats(h)
+    assert torch.isnan(stats["target_rank"])
