@@ -15,10 +15,10 @@ def build_strategy(dist_cfg: DistConfig, shape: RunShape) -> Strategy:
     name = dist_cfg.strategy
     if name == "single":
         from pijepa.parallel.single import SingleStrategy
-        return SingleStrategy()
+        return SingleStrategy(dist_cfg)
     if name == "ddp":
         from pijepa.parallel.ddp import DDPStrategy
-        return DDPStrategy()
+        return DDPStrategy(dist_cfg)
     if name == "fsdp":
         from pijepa.parallel.fsdp import FSDPStrategy
         return FSDPStrategy(dist_cfg, shape)

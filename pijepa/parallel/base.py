@@ -54,6 +54,38 @@ def param_groups(models: JEPAModels) -> list[dict[str, Any]]:
     return [{"params": decay, "wd_exclude": False}, {"params": no_decay, "wd_exclude": True, "weight_decay": 0.0}]
 
 
+def _legacy_decayed(name: str, p: nn.Parameter) -> bool:
+    """The grouping of checkpoints written before pijepa followed I-JEPA's rule: no decay on
+    biases, 1-D parameters, positional embeddings or the mask token."""
+    return not (p.ndim <= 1 or name.endswith("bias") or "pos_embed" in name or "mask_token" in name)
+
+
+def regroup_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer,
+                            models: JEPAModels) -> dict[str, Any]:
+    """A torch optimizer state dict re-indexed for this optimizer's groups when it was saved under
+    the legacy grouping (the mask token then sat in the undecayed group); any other state dict is
+    returned as it is (torch's load reports a real mismatch)."""
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes == [len(g["params"]) for g in optimizer.param_groups] or len(sizes) != 2:
+        return saved
+    named = [(n, p) for m in models.trainable() for n, p in m.named_parameters() if p.requires_grad]
+    legacy = [[p for n, p in named if _legacy_decayed(n, p)], [p for n, p in named if not _legacy_decayed(n, p)]]
+    if [len(g) for g in legacy] != sizes:
+        return saved
+    saved_id = {id(p): i for g, ids in zip(legacy, (g["params"] for g in saved["param_groups"]))
+                for p, i in zip(g, ids)}
+    state, groups, new_id = {}, [], 0
+    for group, old in zip(optimizer.param_groups, saved["param_groups"]):
+        ids = []
+        for p in group["params"]:
+            if saved_id[id(p)] in saved["state"]:
+                state[new_id] = saved["state"][saved_id[id(p)]]
+            ids.append(new_id)
+            new_id += 1
+        groups.append({**old, "params": ids})
+    return {"state": state, "param_groups": groups}
+
+
 def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

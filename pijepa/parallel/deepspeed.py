@@ -15,15 +15,24 @@
   `step()` is the one in `optimizer_step`, after the lr and weight decay are set. Gradient
   communication is DeepSpeed's: ZeRO-1 reduces once, at the boundary; ZeRO-2/3 reduce-scatter on
   every micro-step (the partitioned gradient buffers need it) and accumulate the partitions.
-- EMA target: fp32, outside the engine (DeepSpeed's bf16 mode would cast anything inside it).
-  ZeRO-1/2: a replicated fp32 module, moved towards the engine's module parameters (exactly the
-  fp32 weights in fp32 runs; in bf16 runs the bf16 copies, upcast: each element of what the target
-  moves towards is off by at most 2^-9 relative, the rounding the forward itself uses, while the
-  small (1 - m) steps accumulate in fp32 and are never rounded away). ZeRO-3: the target is
-  partitioned like the encoder, by a second ZeRO-3 engine without optimizer (fp32, every parameter
-  partitioned), and each rank lerps its target partitions towards the optimizer's fp32 master
-  partitions of the encoder: exact fp32, no communication, and the forward gathers it layer by
-  layer like the encoder's.
+- EMA target: fp32, outside the engine (DeepSpeed's bf16 mode would cast anything inside it), and
+  it always follows the fp32 master weights. ZeRO-1/2: a replicated fp32 module. In fp32 runs the
+  engine's module parameters are the master weights (copied back after every step), so it moves
+  towards them, without communication. In bf16 runs they are bf16 roundings of the master (up to
+  2^-8 relative off: bf16 keeps 8 significant bits), so the target moves towards the fp32 master
+  itself, assembled per parameter from the ranks' optimizer partitions by DeepSpeed's
+  `safe_get_full_fp32_param` (an all-reduce of the encoder in fp32 per step). ZeRO-3: the target
+  is partitioned like the encoder, by a second ZeRO-3 engine without optimizer (fp32, every
+  parameter partitioned), and each rank lerps its target partitions towards the optimizer's fp32
+  master partitions of the encoder (`safe_get_local_fp32_param`): exact, no communication, and the
+  forward gathers it layer by layer like the encoder's.
+- `dist.activation_checkpointing` / `dist.compile` are applied to the blocks before
+  `deepspeed.initialize` (parallelize.prepare_blocks: AC, then compile in place, so the engine's
+  parameter names, which name the ZeRO partitions in checkpoints, only gain checkpoint_wrapper's
+  `_checkpoint_wrapped_module.`, which canonical_name drops wherever names are compared or saved).
+- Optimizer: torch AdamW; with `zero_optimization.offload_optimizer` (the AdamW step runs on the
+  CPU) DeepSpeed's CPU Adam in AdamW mode, the optimizer DeepSpeed requires there (it builds a C++
+  op on first use).
 - Checkpoints: DeepSpeed's own `save_checkpoint` into `<step folder>/ds/` (model + ZeRO optimizer
   partitions; every rank writes its part; paths are relative to the folder, so the Checkpointer's
   rename is safe; DeepSpeed also writes `latest` and `zero_to_fp32.py` there). Next to it:
@@ -53,14 +62,18 @@ from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups
 from pijepa.parallel.deepspeed_checkpoint import FORMAT, STATE_FILE, TAG, read_head
 from pijepa.parallel.deepspeed_config import (
     build_ds_config,
+    offloads_optimizer,
     read_ds_json,
     resolve_ds_config_path,
     target_ds_config,
 )
 from pijepa.parallel.options import DistConfig, RunShape, accumulation_steps
+from pijepa.parallel.parallelize import canonical_name, prepare_blocks
 from pijepa.parallel.single import pick_device
-from pijepa.runtime.errors import CheckpointError, LaunchError
+from pijepa.runtime.errors import CheckpointError, ConfigError, LaunchError
 from pijepa.runtime.log import warn
+
+_EMA_CHUNK = 1 << 26  # elements of fp32 master weights assembled at a time for the EMA (256 MB)
 
 # ---------------------------------------------------------------- models
 
@@ -113,7 +126,14 @@ class DeepSpeedStrategy(Strategy):
             read_ds_json(path), str(path), micro_batch=shape.micro_batch, accum=self.accum, world=self.world_size,
             clip_grad=shape.clip_grad, bf16=shape.bf16, zero_stage=dist_cfg.zero_stage)
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
-        self.bf16 = shape.bf16
+        self.bf16, self.cfg = shape.bf16, dist_cfg
+        if dist_cfg.compile and self.stage == 3:
+            # Measured (torch 2.14, DeepSpeed 0.19): ZeRO-3's gather / release hooks on every layer
+            # are excluded from compilation, so each compiled block falls apart into single layers
+            # and recompiles past torch's limit: slower than not compiling.
+            raise ConfigError(f"{path}: dist.compile is not supported with ZeRO-3 (DeepSpeed's per-layer "
+                              f"parameter hooks break each compiled block apart); use ZeRO-1/2 or "
+                              f"dist.strategy fsdp to compile, or set dist.compile false")
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # says so instead of guessing (and warning)
         try:
@@ -141,11 +161,13 @@ class DeepSpeedStrategy(Strategy):
         if accum_steps != self.accum:
             raise RuntimeError(f"accumulation {accum_steps} differs from the DeepSpeed config's {self.accum}")
         self.device = pick_device(self.local_rank)
-        online = OnlineModels(models.encoder, models.predictor)
-        optimizer = torch.optim.AdamW(param_groups(models), **optimizer_kwargs)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=online, optimizer=optimizer, config=copy.deepcopy(self.ds_config))
         target = models.target_encoder.requires_grad_(False)
+        c = self.cfg  # AC -> compile, then the engine wraps the models (the order FSDP uses)
+        prepare_blocks(models.trainable(), target, c.activation_checkpointing, c.ac_every, c.compile)
+        online = OnlineModels(models.encoder, models.predictor)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=online, optimizer=self._client_optimizer(models, optimizer_kwargs),
+            config=copy.deepcopy(self.ds_config))
         if self.stage == 3:
             self.target_engine, *_ = deepspeed.initialize(model=target, config=target_ds_config(self.ds_config))
             self.target_module, target_call = self.target_engine.module, self.target_engine
@@ -155,6 +177,16 @@ class DeepSpeedStrategy(Strategy):
         self._check_ema_pairs()
         module = self.engine.module
         return DeepSpeedModels(module.encoder, module.predictor, target_call, engine=self.engine)
+
+    def _client_optimizer(self, models: JEPAModels, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+        if not offloads_optimizer(self.ds_config):
+            return torch.optim.AdamW(param_groups(models), **kwargs)
+        # DeepSpeed refuses a torch optimizer with optimizer offload (its step would run per
+        # tensor in Python on the CPU); its CPU Adam in AdamW mode is torch's AdamW rule, and it
+        # reads lr and weight decay from the param groups at every step, as torch's does.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups(models), adamw_mode=True, **kwargs)
 
     # ------------------------------------------------------------------ step
 
@@ -189,10 +221,10 @@ class DeepSpeedStrategy(Strategy):
         (looked up at every update: DeepSpeed may re-point them, e.g. on load)."""
         from deepspeed.utils import safe_get_local_fp32_param
 
-        online = dict(self.engine.module.encoder.named_parameters())
+        online = {canonical_name(n): p for n, p in self.engine.module.encoder.named_parameters()}
         targets, sources = [], []
         for name, t in self.target_module.named_parameters():
-            o = online[name]
+            o = online[canonical_name(name)]
             if not o.requires_grad:  # frozen positional embeddings are equal already
                 continue
             if self.stage == 3:
@@ -204,8 +236,8 @@ class DeepSpeedStrategy(Strategy):
         return targets, sources
 
     def _check_ema_pairs(self) -> None:
-        online = {n for n, _ in self.engine.module.encoder.named_parameters()}
-        names = {n for n, _ in self.target_module.named_parameters()}
+        online = {canonical_name(n) for n, _ in self.engine.module.encoder.named_parameters()}
+        names = {canonical_name(n) for n, _ in self.target_module.named_parameters()}
         if online != names:
             raise RuntimeError(f"EMA target and encoder parameters differ: {sorted(online ^ names)[:5]}")
         for t, s in zip(*self._ema_pairs()):
@@ -216,14 +248,28 @@ class DeepSpeedStrategy(Strategy):
     @torch.no_grad()
     def ema_update(self, momentum: float) -> None:
         targets, sources = self._ema_pairs()
-        if self.stage == 3:
-            sources = [s.view(t.shape) for t, s in zip(targets, sources)]
-        if all(s.dtype == torch.float32 for s in sources):
+        if self.stage == 3:  # this rank's master partitions (on the CPU with optimizer offload)
+            ema_update_(targets, [s.view(t.shape).to(t.device) for t, s in zip(targets, sources)], momentum)
+        elif not self.bf16:  # fp32 module parameters: the master weights themselves
             ema_update_(targets, sources, momentum)
-            return
-        # bf16 module weights: upcast a few tensors at a time (never a second full fp32 model).
-        for i in range(0, len(targets), 32):
-            ema_update_(targets[i:i + 32], [s.float() for s in sources[i:i + 32]], momentum)
+        else:
+            self._ema_from_fp32_master(targets, sources, momentum)
+
+    def _ema_from_fp32_master(self, targets: list[torch.Tensor], sources: list[torch.Tensor],
+                              momentum: float) -> None:
+        """ZeRO-1/2 bf16: every rank holds a partition of the fp32 master; each parameter's is
+        assembled (a collective, on every rank, in the same order) a few at a time, up to
+        `_EMA_CHUNK` elements, so the peak is a few parameters in fp32, never a second model."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        i = 0
+        while i < len(targets):
+            j, size = i, 0
+            while j < len(targets) and (j == i or size + targets[j].numel() <= _EMA_CHUNK):
+                size, j = size + targets[j].numel(), j + 1
+            master = [safe_get_full_fp32_param(s) for s in sources[i:j]]
+            ema_update_(targets[i:j], [m.to(t.device) for t, m in zip(targets[i:j], master)], momentum)
+            i = j
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -270,7 +316,8 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(str(folder), tag=TAG, client_state={}, save_latest=True)
         target = self._full_target_state()
         if self.is_main:
-            frozen = sorted(n for n, p in self.engine.module.named_parameters() if not p.requires_grad)
+            frozen = sorted(canonical_name(n) for n, p in self.engine.module.named_parameters()
+                            if not p.requires_grad)
             torch.save({"format": FORMAT, "world_size": self.world_size, "zero_stage": self.stage,
                         "bf16": self.bf16, "optimizer": type(self.engine.optimizer).__name__, "frozen": frozen,
                         "target_encoder": target, "extra": extra},

@@ -5,7 +5,8 @@ The JSON holds the ZeRO settings; the keys that pijepa's config already decides 
 the batch keys from data.batch_size and data.global_batch_size, gradient_clipping from
 optimization.clip_grad, bf16.enabled from meta.use_bfloat16 (the one source of truth for precision).
 A JSON value for a derived key must be "auto", absent or equal: a disagreement would silently change
-the effective batch or the clipping. See ds_configs/README.md.
+the effective batch or the clipping. Gradients are reduced in fp32 (`communication_data_type`), as
+under FSDP, unless the JSON asks for bf16 (a note says so). See ds_configs/README.md.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def build_ds_config(raw: dict[str, Any], source: str, *, micro_batch: int, accum
         if section in ds:
             raise ConfigError(f"{source}: remove the \"{section}\" section: pijepa builds AdamW and its "
                               f"lr / weight-decay schedules from optimization.*")
-    notes = _set_precision(ds, source, bf16)
+    notes = _set_precision(ds, source, bf16) + _set_communication_dtype(ds, source)
     _set_zero_stage(ds, source, zero_stage)
     ds.setdefault("steps_per_print", 10**9)  # pijepa logs; DeepSpeed's own progress lines are noise
     ds.setdefault("wall_clock_breakdown", False)
@@ -105,6 +106,29 @@ def _set_precision(ds: dict[str, Any], source: str, bf16: bool) -> list[str]:
     if bf16:  # gradients accumulate over micro-steps in fp32 unless the JSON says otherwise
         ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     return notes
+
+
+def _set_communication_dtype(ds: dict[str, Any], source: str) -> list[str]:
+    """communication_data_type: fp32 unless the JSON says bf16. DeepSpeed's default under bf16 is
+    bf16, which rounds every gradient to 8 significant bits before summing over the ranks (and
+    the sum itself in bf16); FSDP reduces in fp32 (MixedPrecisionPolicy reduce_dtype). fp16 is
+    refused like fp16 training."""
+    given = ds.get("communication_data_type", "fp32")
+    given = given.lower() if isinstance(given, str) else given  # DeepSpeed reads it case-blind
+    if given not in ("fp32", "bf16"):
+        raise ConfigError(f"{source}: communication_data_type = {json.dumps(given)} is not supported; "
+                          f"expected \"fp32\" (the default: gradients reduced in fp32, as under FSDP) or \"bf16\"")
+    ds["communication_data_type"] = given
+    if given == "bf16":
+        return [f"{source}: communication_data_type = \"bf16\": gradients are reduced in bf16 (half the "
+                f"traffic of fp32, but rounded to 8 significant bits before the sum over ranks)"]
+    return []
+
+
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    """Whether zero_optimization.offload_optimizer moves the optimizer step off the accelerator."""
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return isinstance(offload, dict) and offload.get("device", "none") in ("cpu", "nvme")
 
 
 def _set_zero_stage(ds: dict[str, Any], source: str, zero_stage: int) -> None:

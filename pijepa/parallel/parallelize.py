@@ -9,11 +9,14 @@ Applied in one fixed order, as torchtitan does: activation checkpointing -> comp
     already claimed by a wrapped submodule (bottom-up).
 
 Every function works on any module that holds its transformer blocks in an `nn.ModuleList` named
-`blocks` (encoder) or `predictor_blocks` (predictor), so other strategies can reuse them.
+`blocks` (encoder) or `predictor_blocks` (predictor), so other strategies can reuse them:
+`prepare_blocks` is AC -> compile for the engines that wrap whole models afterwards (DDP,
+DeepSpeed), where FSDP's hook placement does not apply and parameter names must stay as they are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import cast
 
 import torch
@@ -64,13 +67,36 @@ def apply_ac(model: nn.Module, mode: str, every: int = 1) -> int:
     return wrapped
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module, in_place: bool = False) -> None:
     """torch.compile each transformer block: the blocks are identical, so one compiled graph is
-    reused by all of them, and compiling per block keeps FSDP's per-block collectives eager."""
+    reused by all of them, and compiling per block keeps FSDP's per-block collectives eager.
+
+    `in_place` compiles each block's call with `nn.Module.compile` instead of wrapping it in an
+    OptimizedModule: parameter and state-dict names stay as they are (no `_orig_mod.`), which
+    engines that name their optimizer state and checkpoints by parameter name need (DeepSpeed,
+    DDP's state.pt). The block's own hooks are then inside the compiled call, so it suits engines
+    that put no hooks on the blocks (DDP and ZeRO-1/2 hook the parameters' gradients)."""
     blocks = transformer_blocks(model)
     for i, block in enumerate(blocks):
-        # torch.compile of a module returns a module (OptimizedModule); its stub says "a callable".
-        blocks[i] = cast(nn.Module, torch.compile(block))
+        if in_place:
+            block.compile()
+        else:
+            # torch.compile of a module returns a module (OptimizedModule); its stub says "a callable".
+            blocks[i] = cast(nn.Module, torch.compile(block))
+
+
+def prepare_blocks(trainable: Iterable[nn.Module], target: nn.Module | None, ac: str, ac_every: int,
+                   compile_blocks: bool) -> int:
+    """`dist.activation_checkpointing` and `dist.compile` for an engine that wraps the models after
+    this (DDP, DeepSpeed), in FSDP's order: AC on the trained models' blocks (the target runs
+    no-grad forwards only: nothing to checkpoint), then compile, in place, of every model's blocks.
+    Returns the number of checkpointed blocks."""
+    trainable = list(trainable)
+    wrapped = sum(apply_ac(m, ac, ac_every) for m in trainable)
+    if compile_blocks:
+        for m in [*trainable, *([target] if target is not None else [])]:
+            apply_compile(m, in_place=True)
+    return wrapped
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy,

@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 
-from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, set_lr_wd
+from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, regroup_optimizer_state, set_lr_wd
 from pijepa.parallel.formats import written_by
+from pijepa.parallel.options import DistConfig
+from pijepa.parallel.parallelize import prepare_blocks
 from pijepa.runtime.errors import CheckpointError
 
 STATE_FILE = "state.pt"
@@ -24,6 +26,10 @@ def pick_device(local_rank: int) -> torch.device:
 
 class SingleStrategy(Strategy):
     """Everything in one process; also the base of DDP, which only adds the wrapping."""
+
+    def __init__(self, dist_cfg: DistConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = dist_cfg or DistConfig()
 
     def setup(self, models: JEPAModels, accum_steps: int, clip_grad: float,
               optimizer_kwargs: dict[str, Any]) -> JEPAModels:
@@ -41,6 +47,8 @@ class SingleStrategy(Strategy):
         return self.wrap(self.models)
 
     def wrap(self, models: JEPAModels) -> JEPAModels:
+        c = self.cfg  # AC -> compile, the order FSDP uses (see parallelize.py)
+        prepare_blocks(models.trainable(), models.target_encoder, c.activation_checkpointing, c.ac_every, c.compile)
         return models
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -86,7 +94,7 @@ class SingleStrategy(Strategy):
                 first = problems[0] if problems else e
                 raise CheckpointError(f"{path}: {name} does not match this run's architecture "
                                       f"({len(problems)} problem(s), first: {first})") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(regroup_optimizer_state(state["optimizer"], self.optimizer, self.models))
         return state["extra"]
 
 

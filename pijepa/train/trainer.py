@@ -116,8 +116,15 @@ class Trainer:
                 h = models.target_encoder(images)
             z = models.predict(images, masks_enc, masks_pred)  # encoder, then predictor
             terms, parts = self.loss_fn.terms(z, h, masks_pred)
-        diagnostics = {**term_gradient_norms(terms, z), **collapse_stats(h)} if diagnose else {}
+            diagnostics = self._diagnostics(z, h, masks_pred) if diagnose else {}
         return sum_terms(terms), parts, diagnostics
+
+    def _diagnostics(self, z: torch.Tensor, h: torch.Tensor, masks_pred: torch.Tensor) -> dict[str, torch.Tensor]:
+        # On a detached copy of the predictions: an engine may hook its output's autograd (DeepSpeed
+        # runs its gradient reduction from there), which a side gradient must not trigger.
+        z_copy = z.detach().requires_grad_()
+        terms, _ = self.loss_fn.terms(z_copy, h, masks_pred)
+        return {**term_gradient_norms(terms, z_copy), **collapse_stats(h)}
 
     def train_step(self, batches: list) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, bool]:
         """One optimizer step over `accum` micro-batches and the EMA update; returns the detached

@@ -18,7 +18,7 @@ import torch
 
 from pijepa.config import ConfigError, load_config
 from pijepa.parallel.deepspeed_checkpoint import read_full_state
-from pijepa.parallel.deepspeed_config import build_ds_config
+from pijepa.parallel.deepspeed_config import build_ds_config, offloads_optimizer, read_ds_json
 from pijepa.train.build import build_models
 from tests.conftest import REPO, TINY_OVERRIDES, run_cli
 from tests.conftest import free_port as conftest_free_port
@@ -173,8 +173,9 @@ def test_zero_fp32_matches_single_process(runs, stage):
     moved = movement(want["target_encoder"], initial_target(ds_dir)).abs().max().item()
     assert moved > 100 * FP32_ATOL, "the reference target hardly moved: the EMA check would prove nothing"
 
-    # Rank 0 alone logs: one console line per log step (tqdm.write, stdout), one metrics row per step.
-    lines = [line for line in (ds_dir / "stdout.txt").read_text().splitlines() if line.startswith("step ")]
+    # Rank 0 alone logs: one console line per log step, one metrics row per step. The console is
+    # pijepa's logger, on stderr (since the commit "One console style"; it was tqdm.write on stdout).
+    lines = [line for line in (ds_dir / "stderr.txt").read_text().splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == [f"{i}/{STEPS}" for i in range(1, STEPS + 1)]
     assert "Traceback" not in (ds_dir / "stderr.txt").read_text()
     if stage == 2:  # the run with TensorBoard on: one event file, rank 0's
@@ -243,6 +244,19 @@ def test_zero_bf16_trains_and_stays_finite(runs, stage):
     assert cosine > 0.9 and 0.8 < ours.norm().item() / ref.norm().item() < 1.25, (cosine, ours.norm(), ref.norm())
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_activation_checkpointing_from_the_config_trains_the_same_run(runs, tmp_path):
+    """dist.activation_checkpointing reaches the engine through the trainer (the blocks are wrapped
+    before deepspeed.initialize: tests/distributed/test_ds_ac_compile.py checks the structure):
+    the same losses, and a checkpoint that consolidates to the single-process weights under the
+    plain model's names."""
+    run_dir = tmp_path / "ac"
+    ok(torchrun(run_dir, *ds_sets(3), "dist.activation_checkpointing=selective", "dist.ac_every=2"))
+    assert [row["loss"] for row in metrics(run_dir)] == [row["loss"] for row in metrics(runs("zero3_fp32"))]
+    assert_close_states(read_full_state(last_checkpoint(run_dir)), single_state(runs("single")), atol=FP32_ATOL)
+
+
 # ---------------------------------------------------------------- 3. resume
 
 
@@ -306,7 +320,7 @@ def two_node_torchrun(run_dir: Path, *sets: str) -> subprocess.CompletedProcess:
 def test_torchrun_multi_node_launcher_two_simulated_nodes(runs):
     """The ZeRO-3 run of the module is launched this way (see `runs`); it matches one process."""
     run_dir = runs("zero3_fp32")
-    assert (run_dir / "stdout.txt").read_text().count(f"step {STEPS}/{STEPS} ") == 1  # node 0 logs
+    assert (run_dir / "stderr.txt").read_text().count(f"step {STEPS}/{STEPS} ") == 1  # node 0 logs (stderr)
     ref = metrics(runs("single"))
     assert [r["loss"] for r in metrics(run_dir)] == pytest.approx([r["loss"] for r in ref], rel=1e-5)
 
@@ -383,6 +397,7 @@ def test_batch_keys_are_derived_and_auto_accepted():
     ({"optimizer": {"type": "Adam"}}, ['"optimizer" section']),
     ({"fp16": {"enabled": True}}, ["fp16.enabled"]),
     ({"zero_optimization": {"stage": 0}}, ["zero_optimization.stage = 0"]),
+    ({"communication_data_type": "fp16"}, ['communication_data_type = "fp16"', "fp32"]),
 ])
 def test_disagreements_are_refused(raw, words):
     raw = {"zero_optimization": {"stage": 2}, **raw}
@@ -396,3 +411,22 @@ def test_bf16_comes_from_meta_use_bfloat16_and_stage_from_dist_zero_stage():
     ds, notes = build({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, bf16=False, zero_stage=3)
     assert ds["bf16"]["enabled"] is False and ds["zero_optimization"]["stage"] == 3
     assert len(notes) == 1 and "meta.use_bfloat16" in notes[0] and "fp32" in notes[0]
+
+
+def test_gradients_are_reduced_in_fp32_unless_the_json_says_bf16():
+    """As under FSDP (reduce_dtype fp32); DeepSpeed's own default under bf16 would be bf16."""
+    for given in ({}, {"communication_data_type": "FP32"}):
+        ds, notes = build({**given, "zero_optimization": {"stage": 2}})
+        assert ds["communication_data_type"] == "fp32" and notes == []
+    ds, notes = build({"communication_data_type": "bf16", "zero_optimization": {"stage": 2}})
+    assert ds["communication_data_type"] == "bf16"
+    assert len(notes) == 1 and "x.json" in notes[0] and "reduced in bf16" in notes[0]
+    for path in sorted((REPO / "ds_configs").glob("*_bf16.json")):
+        assert read_ds_json(path)["communication_data_type"] == "fp32", path.name
+
+
+def test_optimizer_offload_is_recognised():
+    assert offloads_optimizer({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+    assert offloads_optimizer({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}})
+    assert not offloads_optimizer({"zero_optimization": {"offload_optimizer": {"device": "none"}}})
+    assert not offloads_optimizer({"zero_optimization": {"stage": 3}})

@@ -134,3 +134,24 @@ def test_collapse_stats_of_a_diverged_step_are_nan_not_an_error():
     h[1, 3, 5] = float("nan")
     stats = collapse_stats(h)
     assert torch.isnan(stats["target_rank"])
+
+
+def test_checkpoints_from_before_the_decay_rule_change_resume_with_their_moments():
+    """Checkpoints written before mask_token joined the decayed group hold an optimizer state with
+    the old grouping; it is re-indexed so every parameter keeps its AdamW moments."""
+    from pijepa.parallel.base import _legacy_decayed, regroup_optimizer_state
+
+    models = build_models(load_config("cpu_default"))
+    named = [(n, p) for m in models.trainable() for n, p in m.named_parameters() if p.requires_grad]
+    legacy = torch.optim.AdamW([{"params": [p for n, p in named if _legacy_decayed(n, p)]},
+                                {"params": [p for n, p in named if not _legacy_decayed(n, p)], "weight_decay": 0.0}])
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+    legacy.step()
+    current = torch.optim.AdamW(param_groups(models))
+    current.load_state_dict(regroup_optimizer_state(legacy.state_dict(), current, models))
+    for _, p in named:
+        assert torch.equal(current.state[p]["exp_avg"], legacy.state[p]["exp_avg"])
+        assert torch.equal(current.state[p]["exp_avg_sq"], legacy.state[p]["exp_avg_sq"])
+    same = torch.optim.AdamW(param_groups(models))
+    assert regroup_optimizer_state(current.state_dict(), same, models) is not None  # current layout: as is

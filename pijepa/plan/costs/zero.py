@@ -11,9 +11,15 @@ the rows of the state table are in pijepa/plan/costs/__init__.py.
   all-gather the updated bf16 weights through the all-gather bucket; ZeRO-3 holds two gathered
   blocks plus the prefetch bucket. Buckets are capped at the model's size. The bf16 gradients that
   autograd produces before they reach the fp32 buffers are not counted (they live per bucket).
-- EMA target under DeepSpeed: outside the engine, fp32. ZeRO-1/2: replicated (4Pe on every rank),
-  moved towards the engine's weights. ZeRO-3: partitioned by a second, optimizer-less ZeRO-3 engine
-  (4Pe/N), whose forward gathers fp32 blocks (counted as transient and as communication).
+- Gradients are reduced in `communication_data_type` (pijepa's default fp32, as FSDP; the JSON
+  may say bf16): with bf16 weights and fp32 reduction, ZeRO-2/3 cast the bucket being reduced to
+  fp32 (one more bucket, in fp32) and move 4 bytes per gradient element.
+- EMA target under DeepSpeed: outside the engine, fp32, following the fp32 master weights.
+  ZeRO-1/2: replicated (4Pe on every rank); under bf16 each step assembles the encoder's fp32
+  master weights from the partitions (an all-reduce of its trained parameters in fp32, a few
+  parameters at a time: at most `EMA_CHUNK` elements in flight). ZeRO-3: partitioned by a second,
+  optimizer-less ZeRO-3 engine (4Pe/N), whose forward gathers fp32 blocks (counted as transient
+  and as communication); its update reads the local master partitions (no traffic).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pijepa.runtime.errors import ConfigError
 from pijepa.runtime.resources import resolve_packaged
 
 DEFAULT_STAGE = 2  # DeepSpeed JSON without zero_optimization.stage, as pijepa.parallel.deepspeed reads it
+EMA_CHUNK = 1 << 26  # elements of fp32 master weights the ZeRO-1/2 bf16 EMA assembles at a time
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -54,15 +61,18 @@ class DSSettings:
     allgather_bucket: float = 5e8
     prefetch_bucket: float = 5e7
     overlap_comm: bool = False
+    fp32_reduction: bool = True  # communication_data_type fp32 (pijepa's default) or bf16
 
     @classmethod
     def from_json(cls, path: Path) -> DSSettings:
-        zero = read_json(path).get("zero_optimization", {})
+        raw = read_json(path)
+        zero = raw.get("zero_optimization", {})
         stage = int(zero.get("stage", 0))
         return cls(float(zero.get("reduce_bucket_size", cls.reduce_bucket)),
                    float(zero.get("allgather_bucket_size", cls.allgather_bucket)),
                    float(zero.get("stage3_prefetch_bucket_size", cls.prefetch_bucket)),
-                   bool(zero.get("overlap_comm", stage == 3)))  # DeepSpeed turns it on for stage 3
+                   bool(zero.get("overlap_comm", stage == 3)),  # DeepSpeed turns it on for stage 3
+                   str(raw.get("communication_data_type", "fp32")).lower() != "bf16")
 
     @classmethod
     def for_stage(cls, stage: int, bf16: bool) -> DSSettings:
@@ -111,8 +121,12 @@ class ZeroCost(CostModel):
         # ZeRO-1 (DeepSpeed's BF16_Optimizer) in a full fp32 buffer, ZeRO-2/3 in fp32 partitions.
         grads = psi * FP32 if stage == 1 else psi * FP32 / n
         # ZeRO-2/3 send each micro-step's bf16 gradients through the reduce bucket (two with
-        # overlap_comm); ZeRO-1 all-reduces the fp32 buffer in buckets of the same size at the step.
-        ipg = min(ds.reduce_bucket, psi) * w * (2 if ds.overlap_comm else 1)
+        # overlap_comm) and reduce a bucket in the communication dtype (an fp32 copy under bf16
+        # weights); ZeRO-1 all-reduces the fp32 buffer in buckets of the same size at the step.
+        bucket = min(ds.reduce_bucket, psi)
+        ipg = bucket * w * (2 if ds.overlap_comm else 1) + (bucket * FP32 if bf16 and ds.fp32_reduction else 0.0)
+        # ZeRO-1/2 bf16 EMA: the fp32 master weights of up to EMA_CHUNK elements at a time.
+        ema_master = min(EMA_CHUNK, shape.encoder_trainable) * FP32 if bf16 and stage < 3 else 0.0
         gather_bucket = min(ds.allgather_bucket, p_all) * w  # updated bf16 parameters after the step
         weights_forward, weights_target = self._gathered_weights(shape, ds, w, bf16)
         step_buffers = (min(ds.reduce_bucket, psi) * FP32 if stage == 1 else 0.0) + (
@@ -123,7 +137,8 @@ class ZeroCost(CostModel):
             grads_forward=grads, grads_step=grads, grads_partial=grads,
             weights_forward=weights_forward, weights_target=weights_target,
             backward_buffers=ipg if stage > 1 else 0.0,
-            step_transient=adam_temporaries(shape, psi / n, device) + step_buffers)
+            # the EMA runs after the step, once its temporaries and buffers are gone
+            step_transient=max(adam_temporaries(shape, psi / n, device) + step_buffers, ema_master))
 
     def _gathered_weights(self, shape: ModelShape, ds: DSSettings, w: int, bf16: bool) -> tuple[float, float]:
         """(weights alive from forward through backward, weights alive in the target's forward)."""
@@ -139,15 +154,18 @@ class ZeroCost(CostModel):
     def communication(self, shape: ModelShape, world: int, shards: int, accum: int, bf16: bool) -> Communication:
         psi, p_all, pe = shape.trainable_params, shape.params, shape.encoder_params
         w = BF16 if bf16 else FP32
+        g = FP32 if self.settings(bf16).fp32_reduction else w  # bytes per reduced gradient element
+        # ZeRO-1/2 bf16: the EMA all-reduces the encoder's fp32 master weights every step.
+        ema = 2 * ring(shape.encoder_trainable * FP32, world) if bf16 and self.stage < 3 else 0.0
         if self.stage == 1:
-            # The fp32 accumulation buffer is reduced once per step: all-reduced by DeepSpeed's
-            # BF16_Optimizer (bf16), reduce-scattered by the ZeRO optimizer (fp32).
-            grads = (0.0, 2 * ring(psi * FP32, world)) if bf16 else (ring(psi * FP32, world), 0.0)
-            return Communication(ring(p_all * w, world), *grads)
-        # From stage 2 every micro-step's bf16 gradients are reduce-scattered into the partitions.
-        reduce = accum * ring(psi * w, world)
+            # The fp32 accumulation buffer is reduced once per step, in the communication dtype:
+            # all-reduced by DeepSpeed's BF16_Optimizer, reduce-scattered by the ZeRO optimizer (fp32).
+            grads = (0.0, 2 * ring(psi * g, world)) if bf16 else (ring(psi * FP32, world), 0.0)
+            return Communication(ring(p_all * w, world), grads[0], grads[1] + ema)
+        # From stage 2 every micro-step's gradients are reduce-scattered into the partitions.
+        reduce = accum * ring(psi * g, world)
         if self.stage == 2:
-            return Communication(ring(p_all * w, world), reduce, 0.0)  # + updated parameters after the step
+            return Communication(ring(p_all * w, world), reduce, ema)  # + updated parameters after the step
         # Stage 3: encoder + predictor gathered for forward and again for backward, the fp32 target
         # engine gathered for its forward, every micro-step; the EMA works on partitions (no traffic).
         return Communication(accum * (2 * ring(p_all * w, world) + ring(pe * FP32, world)), reduce, 0.0)
