@@ -10,6 +10,10 @@ Checks (each prints PASS/FAIL with the relative error ||out - ref|| / ||ref||):
   - the fused gather + L2_PKT loss vs the plain path, value and gradient, fp32 and under bf16 autocast
 Timings: the fused vs plain loss at the ViT-H/14 recipe's per-GPU shapes, and full ViT-H/14 training
 steps in bf16 at several batch sizes with MFU against a bf16 matmul measured on the same GPU.
+
+This times the bare step only; the trainer itself (torchrun, the Strategy, FSDP2 / DeepSpeed, the
+loader) against the planner and these timings is launchers/gpu_trainer_check.py (docs/perf.md,
+"How to run on a GPU").
 """
 
 from __future__ import annotations
