@@ -321,7 +321,7 @@ def test_interrupted_conversion_resumes(cifar_small, tmp_path, monkeypatch):
     with pytest.raises(Killed):
         write_shards(cifar_small, out, samples_per_shard=64, progress=False)
     assert not (out / "shards.json").exists()
-    with pytest.raises(ShardsError, match="unfinished conversion"):
+    with pytest.raises(FileNotFoundError, match="unfinished conversion"):
         read_index(out)
     calls.clear()
     write_shards(cifar_small, out, samples_per_shard=64, progress=False)
@@ -365,7 +365,7 @@ def test_bad_sources_give_clear_errors(tmp_path):
 
 
 def test_read_index_errors(tmp_path):
-    with pytest.raises(ShardsError, match=str(tmp_path / "shards.json")):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "shards.json")):
         read_index(tmp_path)
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps({"format": "something-else"}))

@@ -351,16 +351,16 @@ def test_shard_specs(shards_dir):
 
 
 def test_missing_shard_and_empty_list_are_clear_errors(tmp_path, shards_dir):
-    with pytest.raises(DataError, match=r"shard .*missing-000000\.tar does not exist \(and 2 more of 3\)"):
+    with pytest.raises(FileNotFoundError, match=r"shard .*missing-000000\.tar does not exist \(and 2 more of 3\)"):
         resolve_shards(str(tmp_path / "missing-{000000..000002}.tar"))
-    with pytest.raises(DataError, match="train-000099.tar does not exist"):
+    with pytest.raises(FileNotFoundError, match="train-000099.tar does not exist"):
         resolve_shards(f"{shards_dir}/train-000000.tar,{shards_dir}/train-000099.tar")
     for empty in ("", " , ", "::"):
         with pytest.raises(ValueError, match="names no shard"):
             resolve_shards(empty)
     with pytest.raises(ValueError, match="set data.epoch_samples"):
         resolve_shards("pipe:cat x.tar")
-    with pytest.raises(DataError, match="no shards index"):
+    with pytest.raises(FileNotFoundError, match="no shards index"):
         resolve_shards(str(tmp_path / "shards.json"))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pijepa.runtime.atomic import atomic_write_text
-from pijepa.runtime.errors import DataError
+from pijepa.runtime.errors import DataError, DataNotFoundError
 
 INDEX_FORMAT = "pijepa-shards-v1"
 PLAN_FORMAT = "pijepa-shards-plan-v1"
@@ -31,7 +31,7 @@ def read_index(path: Path | str) -> dict:
     if not file.is_file():
         unfinished = (file.parent / PLAN_NAME).exists()
         hint = " (an unfinished conversion has plan.json but no index: rerun it)" if unfinished else ""
-        raise ShardsError(f"no shards index at {file}: expected the {INDEX_NAME} written by "
+        raise DataNotFoundError(f"no shards index at {file}: expected the {INDEX_NAME} written by "
                           f"`pijepa shards write`{hint}")
     try:
         index = json.loads(file.read_text(encoding="utf-8"))

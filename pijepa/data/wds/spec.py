@@ -13,7 +13,7 @@ from typing import Literal, get_args
 import webdataset as wds
 
 from pijepa.data.shards import INDEX_NAME, read_index
-from pijepa.runtime.errors import DataError
+from pijepa.runtime.errors import DataError, DataNotFoundError
 
 WdsMode = Literal["resampled", "finite"]
 MODES: tuple[str, ...] = get_args(WdsMode)
@@ -107,7 +107,7 @@ def resolve_shards(spec: str, epoch_samples: int = 0) -> ShardSet:
     missing = [u for u, _ in pairs if not _is_remote(u) and not _local_path(u).is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more of {len(pairs)})" if len(missing) > 1 else ""
-        raise DataError(f"data.shards: shard {missing[0]} does not exist{more}")
+        raise DataNotFoundError(f"data.shards: shard {missing[0]} does not exist{more}")
     urls, counts = zip(*pairs)
     if epoch_samples:
         total = epoch_samples
