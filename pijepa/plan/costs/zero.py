@@ -25,11 +25,11 @@ the rows of the state table are in pijepa/plan/costs/__init__.py.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pijepa.parallel.deepspeed_config import read_ds_json
 from pijepa.parallel.options import DistConfig
 from pijepa.plan.costs.base import Communication, CostModel, State, adam_temporaries, ring
 from pijepa.plan.precision import BF16, FP32
@@ -39,18 +39,6 @@ from pijepa.runtime.resources import resolve_packaged
 
 DEFAULT_STAGE = 2  # DeepSpeed JSON without zero_optimization.stage, as pijepa.parallel.deepspeed reads it
 EMA_CHUNK = 1 << 26  # elements of fp32 master weights the ZeRO-1/2 bf16 EMA assembles at a time
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read DeepSpeed config ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
 
 
 @dataclass(frozen=True)
@@ -65,7 +53,7 @@ class DSSettings:
 
     @classmethod
     def from_json(cls, path: Path) -> DSSettings:
-        raw = read_json(path)
+        raw = read_ds_json(path)
         zero = raw.get("zero_optimization", {})
         stage = int(zero.get("stage", 0))
         return cls(float(zero.get("reduce_bucket_size", cls.reduce_bucket)),
@@ -178,7 +166,7 @@ def json_stage(deepspeed_config: str) -> int:
         path = resolve_packaged(Path(deepspeed_config).expanduser(), kind="deepspeed")
     except ConfigError as e:
         raise ConfigError(f"dist.deepspeed_config: DeepSpeed config file not found: {e}") from None
-    return int(read_json(path).get("zero_optimization", {}).get("stage", DEFAULT_STAGE))
+    return int(read_ds_json(path).get("zero_optimization", {}).get("stage", DEFAULT_STAGE))
 
 
 def configured(dist: DistConfig, gpus: int) -> tuple[str, int]:
