@@ -9,14 +9,14 @@ state but the step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sized
-from typing import cast
+from collections.abc import Callable, Iterable, Iterator, Sized
+from typing import TypeVar, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pijepa.data.transforms import crop_seed
-from pijepa.runtime.errors import DataError
+from pijepa.runtime.errors import DataError, UserError, without_worker_traceback
 from pijepa.runtime.log import warn
 from pijepa.runtime.signals import ignore_preemption_signals, stop_workers_at_exit
 
@@ -28,20 +28,16 @@ def dataset_len(dataset: Dataset) -> int:
     return len(cast(Sized, dataset))
 
 
-def worker_message(err: DataError) -> str | None:
-    """The message of a DataError raised in a DataLoader worker, else None.
+T = TypeVar("T")
 
-    DataLoader raises a worker's error again with the worker's traceback as its message; the CLI
-    prints a DataError as one line, so the caller raises a new one with this message, after
-    dropping `err`'s traceback: its frames hold the DataLoader iterator in a reference cycle (with
-    `err` itself), so the iterator would live until a garbage collection that may never come, and
-    at exit multiprocessing's terminate() cannot stop its workers (they ignore SIGTERM): the
-    interpreter would hang joining them."""
-    text = str(err).rstrip()
-    if "\nOriginal Traceback" not in text:
-        return None
-    # The traceback's last line is "pijepa.runtime.errors.DataError: <message>".
-    return text.splitlines()[-1].split(": ", 1)[-1]
+
+def one_line_errors(batches: Iterable[T]) -> Iterator[T]:
+    """`batches`, with a user error raised in a DataLoader worker turned back into one line (see
+    runtime.errors.without_worker_traceback)."""
+    try:
+        yield from batches
+    except UserError as err:
+        raise without_worker_traceback(err) from None
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -126,17 +122,9 @@ class StepLoader:
         self.loader, self.skipped = loader, 0
 
     def __iter__(self):
-        try:
-            for *batch, skipped in self.loader:
-                self.skipped += int(skipped)
-                yield tuple(batch)
-            return
-        except DataError as err:
-            message = worker_message(err)
-            if message is None:
-                raise
-            err.__traceback__ = None  # it holds the DataLoader iterator in a cycle: see worker_message
-        raise DataError(message)
+        for *batch, skipped in one_line_errors(self.loader):
+            self.skipped += int(skipped)
+            yield tuple(batch)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -38,7 +38,7 @@ from pijepa.eval.datasets import EvalImages, limit_samples, list_images
 from pijepa.eval.features_io import save_features
 from pijepa.models.loading import load_encoder
 from pijepa.models.vit import VisionTransformer
-from pijepa.runtime.errors import ConfigError, DataError, UserError
+from pijepa.runtime.errors import ConfigError, DataError, UserError, without_worker_traceback
 
 POOLS = ("mean", "lastn")
 
@@ -152,16 +152,6 @@ def default_device() -> torch.device:
 # ----------------------------------------------------------------------------- extraction
 
 
-def _worker_message(error: UserError) -> UserError:
-    """The error itself, without the traceback DataLoader puts in the message of an error raised in
-    one of its workers (a bad image): the CLI prints the message as one line."""
-    text = str(error).rstrip()
-    if "\nOriginal Traceback" not in text:
-        return error
-    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
-    return type(error)(text.splitlines()[-1].removeprefix(prefix))
-
-
 @torch.no_grad()
 def extract(
     encoder: VisionTransformer,
@@ -187,7 +177,7 @@ def extract(
             out[row: row + feats.shape[0]] = feats.cpu()
             row += feats.shape[0]
     except UserError as e:
-        raise _worker_message(e) from None
+        raise without_worker_traceback(e) from None
     return out
 
 

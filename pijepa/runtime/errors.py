@@ -46,3 +46,18 @@ class NonFiniteError(RuntimeError):
     retrying from the same checkpoint with the same settings will not help)."""
 
     exit_code = 4
+
+
+def without_worker_traceback(error: UserError) -> UserError:
+    """`error`, or, when a DataLoader worker raised it, a new error of its class with the message
+    alone. DataLoader raises a worker's error again with the worker's whole traceback as its
+    message, and the CLI prints a UserError as one line. The old error's traceback is dropped: its
+    frames hold the DataLoader iterator in a reference cycle, which would keep the workers alive
+    until a garbage collection that may never come."""
+    text = str(error).rstrip()
+    if "\nOriginal Traceback" not in text:
+        return error
+    error.__traceback__ = None
+    last = text.splitlines()[-1]  # "pijepa.runtime.errors.DataError: <message>"
+    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+    return type(error)(last.removeprefix(prefix) if last.startswith(prefix) else last.split(": ", 1)[-1])

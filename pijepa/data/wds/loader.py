@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from pijepa.data.loader import worker_message
+from pijepa.data.loader import one_line_errors
 from pijepa.data.wds.plan import ReaderPlan
 from pijepa.data.wds.restart import describe, old_plan, plan_restart
 from pijepa.data.wds.spec import MODES, ShardSet, check_readers
@@ -128,17 +128,9 @@ class WebDatasetLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             prefetch_factor=2 if self.num_workers else None, persistent_workers=False,
                             worker_init_fn=ignore_preemption_signals)
-        try:
-            for *batch, info in loader:
-                self._advance(info)
-                yield tuple(batch), info
-            return
-        except DataError as err:
-            message = worker_message(err)
-            if message is None:
-                raise
-            err.__traceback__ = None  # it holds the DataLoader iterator in a cycle: see worker_message
-        raise DataError(message)
+        for *batch, info in one_line_errors(loader):
+            self._advance(info)
+            yield tuple(batch), info
 
     def _advance(self, info: dict) -> None:
         """Record that the trainer took the batch described by `info`."""
