@@ -86,6 +86,20 @@ def regroup_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimi
     return {"state": state, "param_groups": groups}
 
 
+def step_if_finite(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], grad_norm: torch.Tensor,
+                   clip_grad: float) -> bool:
+    """Clips to `clip_grad` (0: off) and steps unless the gradient norm is not finite (then the
+    step is skipped: no update); zeroes the gradients either way. `grad_norm` must be the same on
+    every rank, so that all ranks decide alike."""
+    applied = bool(torch.isfinite(grad_norm))
+    if applied:
+        if clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, clip_grad, grad_norm, foreach=True)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return applied
+
+
 def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -46,7 +46,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
-from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, rng_file, set_lr_wd
+from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, rng_file, set_lr_wd, step_if_finite
 from pijepa.parallel.formats import written_by
 from pijepa.parallel.options import DistConfig, RunShape
 from pijepa.parallel.parallelize import apply_ac, apply_compile, apply_fsdp, canonical_name
@@ -192,13 +192,7 @@ class FSDPStrategy(Strategy):
         total = torch.nn.utils.get_total_norm(grads, foreach=True)
         if isinstance(total, DTensor):
             total = total.full_tensor()
-        applied = bool(torch.isfinite(total))  # the full norm: every rank decides alike
-        if applied:
-            if self.clip_grad > 0:
-                torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad, total, foreach=True)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total, applied
+        return total, step_if_finite(self.optimizer, self.params, total, self.clip_grad)
 
     def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Local fp32 shards of (target, encoder) parameters paired by canonical name. Looked up

@@ -7,7 +7,15 @@ from typing import Any
 
 import torch
 
-from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, regroup_optimizer_state, set_lr_wd
+from pijepa.parallel.base import (
+    JEPAModels,
+    Strategy,
+    ema_update_,
+    param_groups,
+    regroup_optimizer_state,
+    set_lr_wd,
+    step_if_finite,
+)
 from pijepa.parallel.formats import written_by
 from pijepa.parallel.options import DistConfig
 from pijepa.parallel.parallelize import prepare_blocks
@@ -57,14 +65,8 @@ class SingleStrategy(Strategy):
     def optimizer_step(self, lr: float, weight_decay: float) -> tuple[torch.Tensor, bool]:
         set_lr_wd(self.optimizer, lr, weight_decay)
         grads = [p.grad for p in self.params if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        applied = bool(torch.isfinite(grad_norm))  # DDP: reduced gradients, the same on every rank
-        if applied:
-            if self.clip_grad > 0:
-                torch.nn.utils.clip_grads_with_norm_(self.params, self.clip_grad, grad_norm, foreach=True)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, applied
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # DDP: reduced, alike on every rank
+        return grad_norm, step_if_finite(self.optimizer, self.params, grad_norm, self.clip_grad)
 
     def ema_update(self, momentum: float) -> None:
         target, online = zip(*self._ema_pairs)
