@@ -14,7 +14,6 @@ whose source is the YAML file, or `--set` for a key given on the command line.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from pijepa.parallel.options import DistConfig
 from pijepa.runtime.atomic import atomic_write_text
 from pijepa.runtime.errors import ConfigError
 from pijepa.runtime.resources import resolve_packaged
-from pijepa.runtime.schema import bounded, check_fields, choices_text, literal_choices, not_allowed, span
+from pijepa.runtime.schema import bounded, check_fields, coerce, not_allowed, span
 
 
 @dataclass
@@ -70,7 +69,10 @@ class DataConfig:
     # samples per epoch; 0 takes the total of shards.json (needed without one)
     epoch_samples: int = bounded(
         0, min=0, expected="0 (the total of shards.json) or a positive number of samples")
-    batch_size: int = bounded(32, min=1)  # per rank and micro-step
+    # per rank and micro-step; auto: the largest the planner fits in the device's free memory (or in
+    # memory_budget_gib), accumulation derived from global_batch_size (pijepa.train.auto_batch)
+    batch_size: int | Literal["auto"] = bounded(32, min=1)
+    memory_budget_gib: float = bounded(0.0, min=0, expected="0 (the device's free memory) or GiB per rank")
     # effective batch; 0 means batch_size x world size (no accumulation); a multiple of batch_size
     global_batch_size: int = bounded(0, min=0, expected="0 (= batch_size x ranks) or a positive multiple")
     crop_size: int = bounded(224, min=1)  # pixels; a multiple of mask.patch_size
@@ -83,6 +85,13 @@ class DataConfig:
     pin_mem: bool = True
     synthetic_images: int = bounded(8192, min=1)  # size of one epoch of the built-in synthetic dataset
     synthetic_classes: int = bounded(10, min=2)
+
+    @property
+    def micro_batch(self) -> int:
+        """batch_size as a number: `auto` is resolved when a run starts (pijepa.train.auto_batch)."""
+        if self.batch_size == "auto":
+            raise ConfigError("data.batch_size is auto: it is resolved when training starts; give a number here")
+        return self.batch_size
 
 
 @dataclass
@@ -266,54 +275,10 @@ def _build(cls: type, raw: Any, origin: _Origin, prefix: str) -> Any:
             value = raw.get(name)
             kwargs[name] = _build(hint, {} if value is None else value, origin, f"{key}.")
         elif name in raw:
-            kwargs[name] = _coerce(raw[name], hint, origin.of(key), key)
+            kwargs[name] = coerce(raw[name], hint, origin.of(key), key)
     section = cls(**kwargs)
     check_fields(section, origin.of, prefix)
     return section
-
-
-def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        words = literal_choices(hint)  # e.g. "auto" in `bool | Literal["auto"]`
-        if value in words:
-            return value
-        (inner,) = [a for a in args if a is not type(None) and typing.get_origin(a) is not typing.Literal]
-        if words and not isinstance(value, inner):
-            raise not_allowed(source, key, value, f"{inner.__name__} or {choices_text(words)}")
-        return _coerce(value, inner, source, key)
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise not_allowed(source, key, value, choices_text(args))
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{source}: {key} = {value!r}: expected a list of {len(args)} numbers")
-        return tuple(_coerce(v, a, source, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise TypeError(f"unsupported config type {hint} for {key}")
-    raise ConfigError(f"{source}: {key} = {value!r}: expected {hint.__name__}, got {type(value).__name__}")
 
 
 # ---------------------------------------------------------------- validation
@@ -362,7 +327,10 @@ def _run_problems(cfg: Config) -> Iterator[_Problem]:
 
 def _data_problems(cfg: Config) -> Iterator[_Problem]:
     d = cfg.data
-    if d.global_batch_size and d.global_batch_size % d.batch_size:
+    if d.batch_size == "auto" and not d.global_batch_size:
+        yield _Problem("data.global_batch_size", 0, "a positive global batch when data.batch_size is auto",
+                       ("data.batch_size",))
+    if d.batch_size != "auto" and d.global_batch_size and d.global_batch_size % d.batch_size:
         yield _Problem("data.global_batch_size", d.global_batch_size,
                        f"a multiple of data.batch_size ({d.batch_size})", ("data.batch_size",))
     if d.dataset == "folder" and not (d.root_path or d.image_folder):

@@ -133,17 +133,17 @@ def run_bench_data(args: argparse.Namespace) -> dict[str, Any]:
                                       d.color_jitter_strength, d.use_gaussian_blur)
     collator = build_collator(cfg)
     samples = _raw_samples(list(shards.urls), args.batches * d.batch_size)
-    loaders = {w: build_wds_loader(shards, transform, collator, mode=d.wds_mode, batch_size=d.batch_size, accum=1,
+    loaders = {w: build_wds_loader(shards, transform, collator, mode=d.wds_mode, batch_size=d.micro_batch, accum=1,
                                    world_size=1, rank=0, start_step=0, steps_per_epoch=1, seed=cfg.meta.seed,
                                    num_workers=w, shuffle_buffer=d.shuffle_buffer, pin_memory=False)
                for w in args.workers}
-    print(f"pijepa bench data: {len(shards.urls)} shards, batch {d.batch_size}, crop {d.crop_size}, "
+    print(f"pijepa bench data: {len(shards.urls)} shards, batch {d.micro_batch}, crop {d.crop_size}, "
           f"mode {d.wds_mode}, shuffle buffer {d.shuffle_buffer}, best of {args.repeats} windows of "
           f"{args.batches} batches; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before", flush=True)
     floor, floor_cpu = 0.0, float("inf")
     best = {w: (0.0, float("inf"), float("inf")) for w in args.workers}
     for _ in range(args.repeats):
-        ips, cpu = measure_floor(cfg, transform, collator, samples, d.batch_size)
+        ips, cpu = measure_floor(cfg, transform, collator, samples, d.micro_batch)
         floor, floor_cpu = max(floor, ips), min(floor_cpu, cpu)
         for w, loader in loaders.items():
             rate, worker_cpu, main_cpu = measure_loader(loader, args.batches, args.warmup)

@@ -114,6 +114,7 @@ class ConfiguredRow(TypedDict):
     shards: int
     ac: str
     micro_batch: int
+    auto: bool  # data.batch_size: auto (micro_batch is the planner's pick)
     accumulation: int | None  # None when the micro-batch does not divide the per-GPU batch
     divides: bool
     fits: bool
@@ -171,15 +172,16 @@ def plan_row(ctx: PlanContext, strategy: str, ac: str, shards: int | None = None
         communication=model.communication(ctx.shape, ctx.gpus, shards, accum, ctx.bf16))
 
 
-def build_context(cfg: Config, gpu: str, gpus: int, utilization: float, global_batch: int | None,
+def build_context(cfg: Config, gpu: str | GPUSpec, gpus: int, utilization: float, global_batch: int | None,
                   steps: int = MASK_SAMPLE_STEPS) -> PlanContext:
-    if gpu not in GPUS:
+    """`gpu`: a name of GPUS, or a spec of the device a run has (pijepa.train.auto_batch)."""
+    if isinstance(gpu, str) and gpu not in GPUS:
         raise ConfigError(f"--gpu {gpu!r}: expected one of {', '.join(GPUS)}")
     if gpus < 1:
         raise ConfigError(f"--gpus {gpus}: expected 1 or more")
     if not 0 < utilization <= 1:
         raise ConfigError(f"--utilization {utilization}: expected a fraction in (0, 1]")
-    global_batch = global_batch or cfg.data.global_batch_size or cfg.data.batch_size * gpus
+    global_batch = global_batch or cfg.data.global_batch_size or cfg.data.micro_batch * gpus
     if global_batch % gpus:
         raise ConfigError(f"--global-batch {global_batch} is not a multiple of --gpus {gpus}")
     o = cfg.optimization
@@ -187,7 +189,8 @@ def build_context(cfg: Config, gpu: str, gpus: int, utilization: float, global_b
             cfg.meta.pred_emb_dim, cfg.meta.encoder_depth)
     return PlanContext(
         shape=model_shape(*args), shape_args=args,
-        tokens=MaskTokens.from_config(cfg, global_batch // gpus, steps), gpu=GPUS[gpu], gpus=gpus,
+        tokens=MaskTokens.from_config(cfg, global_batch // gpus, steps),
+        gpu=GPUS[gpu] if isinstance(gpu, str) else gpu, gpus=gpus,
         global_batch=global_batch, utilization=utilization, bf16=cfg.meta.use_bfloat16,
         attn=cfg.meta.attn_backend, loss=LossSpec(o.loss_function, o.pkt_grouping, o.pkt_chunk_size),
         ac_every=cfg.dist.ac_every)
@@ -205,11 +208,13 @@ def make_plan(cfg: Config, gpu: str = "a100-80gb", gpus: int = 16, utilization: 
 
 
 def configured_row(ctx: PlanContext, cfg: Config, strategy: str, shards: int) -> ConfiguredRow:
-    """The config as written: its strategy, micro-batch and checkpointing."""
-    micro, ac = cfg.data.batch_size, cfg.dist.activation_checkpointing
+    """The config as written: its strategy, micro-batch (`auto`: the one the trainer would pick,
+    the largest fitting divisor of the per-GPU batch) and checkpointing."""
+    ac, auto = cfg.dist.activation_checkpointing, cfg.data.batch_size == "auto"
+    micro = (plan_row(ctx, strategy, ac, shards).micro_batch or 1) if auto else cfg.data.micro_batch
     per_gpu = ctx.per_gpu_batch
     mem = ctx.memory(strategy, ac, micro, shards)
     divides = per_gpu % micro == 0
-    return {"strategy": strategy, "shards": shards, "ac": ac, "micro_batch": micro,
+    return {"strategy": strategy, "shards": shards, "ac": ac, "micro_batch": micro, "auto": auto,
             "accumulation": per_gpu // micro if divides else None, "divides": divides,
             "fits": mem.total <= ctx.gpu.memory, "memory": mem}

@@ -60,8 +60,9 @@ def _summary_lines(plan: Plan) -> list[str]:
     else:
         first = "nothing fits at micro-batch 1: more GPUs, a larger GPU or a smaller model"
     acc = f"x {cf['accumulation']} accumulation" if cf["divides"] else "(does not divide the per-GPU batch)"
+    micro = f"auto: {cf['micro_batch']}" if cf["auto"] else cf["micro_batch"]
     configured = (f"as configured: {cost_model(cf['strategy']).label} (sharded over {cf['shards']}), AC "
-                  f"{cf['ac']}, micro-batch {cf['micro_batch']} {acc}: {cf['memory'].total / GiB:.1f} GiB, "
+                  f"{cf['ac']}, micro-batch {micro} {acc}: {cf['memory'].total / GiB:.1f} GiB, "
                   f"{'fits' if cf['fits'] else 'does NOT fit'}")
     return [first, configured]
 

@@ -128,6 +128,8 @@ def check_fields(section: Any, source_of: Callable[[str], str], prefix: str = ""
                 and not _of_other_member(value, hints[f.name]):
             raise not_allowed(source_of(key), key, value, choices_text(choices))
         for check in checks_of(f):
+            if value in choices:  # a word of the field's union, e.g. "auto": no numeric bound applies
+                continue
             if not check.allows(value):
                 raise not_allowed(source_of(key), key, value, check.expected.format(**values))
 
@@ -142,3 +144,48 @@ def _of_other_member(value: Any, hint: Any) -> bool:
 
 def _optional(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def coerce(value: Any, hint: Any, source: str, key: str) -> Any:
+    """A YAML value as the field's type (`hint`), or a one-line refusal naming `source` and `key`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        words = literal_choices(hint)  # e.g. "auto" in `bool | Literal["auto"]`
+        if value in words:
+            return value
+        (inner,) = [a for a in args if a is not type(None) and typing.get_origin(a) is not typing.Literal]
+        if words and not isinstance(value, inner):
+            raise not_allowed(source, key, value, f"{inner.__name__} or {choices_text(words)}")
+        return coerce(value, inner, source, key)
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise not_allowed(source, key, value, choices_text(args))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{source}: {key} = {value!r}: expected a list of {len(args)} numbers")
+        return tuple(coerce(v, a, source, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config type {hint} for {key}")
+    raise ConfigError(f"{source}: {key} = {value!r}: expected {hint.__name__}, got {type(value).__name__}")

@@ -100,12 +100,12 @@ def build_train_loader(cfg: Config, dataset: TrainData, *, accum: int, world_siz
     transform = build_train_transform(d.crop_size, d.crop_scale, d.use_horizontal_flip,
                                       d.use_color_distortion, d.color_jitter_strength, d.use_gaussian_blur)
     if isinstance(dataset, ShardSet):  # data.dataset: webdataset
-        steps_per_epoch = len(dataset) // (d.batch_size * accum * world_size)
-        return build_wds_loader(dataset, transform, build_collator(cfg), mode=d.wds_mode, batch_size=d.batch_size,
+        steps_per_epoch = len(dataset) // (d.micro_batch * accum * world_size)
+        return build_wds_loader(dataset, transform, build_collator(cfg), mode=d.wds_mode, batch_size=d.micro_batch,
                                 accum=accum, world_size=world_size, rank=rank, start_step=start_step,
                                 steps_per_epoch=steps_per_epoch, seed=cfg.meta.seed, num_workers=d.num_workers,
                                 shuffle_buffer=d.shuffle_buffer, pin_memory=pin_memory)
-    return build_step_loader(dataset, transform, build_collator(cfg), batch_size=d.batch_size,
+    return build_step_loader(dataset, transform, build_collator(cfg), batch_size=d.micro_batch,
                              accum=accum, world_size=world_size, rank=rank, start_step=start_step,
                              total_steps=total_steps, seed=cfg.meta.seed, num_workers=d.num_workers,
                              pin_memory=pin_memory)
@@ -136,12 +136,12 @@ def steps_per_epoch(dataset_len: int, global_batch: int) -> int:
 
 def accumulation_steps(cfg: Config, world_size: int) -> int:
     """Micro-steps per optimizer step so that batch_size x accum x world = global_batch_size."""
-    return parallel_options.accumulation_steps(cfg.data.batch_size, cfg.data.global_batch_size, world_size)
+    return parallel_options.accumulation_steps(cfg.data.micro_batch, cfg.data.global_batch_size, world_size)
 
 
 def run_shape(cfg: Config) -> RunShape:
     d = cfg.data
-    return RunShape(bf16=cfg.meta.use_bfloat16, micro_batch=d.batch_size, global_batch=d.global_batch_size,
+    return RunShape(bf16=cfg.meta.use_bfloat16, micro_batch=d.micro_batch, global_batch=d.global_batch_size,
                     clip_grad=cfg.optimization.clip_grad)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from pijepa.runtime.errors import DataError, NonFiniteError
 from pijepa.runtime.log import console, warn
 from pijepa.runtime.memory import peak_memory_mb
 from pijepa.runtime.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
+from pijepa.train.auto_batch import agree_on_batch, resolve_batch_size
 from pijepa.train.build import (
     accumulation_steps,
     build_dataset,
@@ -41,12 +43,18 @@ LOSS_PARTS = ("l2", "pkt")  # logged as loss_l2, loss_pkt; the other parts are d
 
 class Trainer:
     def __init__(self, cfg: Config):
+        # data.batch_size auto becomes a number first: DeepSpeed's batch keys are built from it.
+        cfg, batch_note = resolve_batch_size(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         self.cfg = cfg
         self.run_dir = Path(cfg.logging.folder)
         self.strategy = build_strategy_for(cfg)
         world, rank = self.strategy.world_size, self.strategy.rank
+        if batch_note:
+            agree_on_batch(self.strategy, cfg)
+            if self.strategy.is_main:
+                console(batch_note)
         self.accum = accumulation_steps(cfg, world)
-        self.global_batch = cfg.data.batch_size * self.accum * world
+        self.global_batch = cfg.data.micro_batch * self.accum * world
         self.dataset = build_dataset(cfg, world)
         samples = epoch_samples(self.dataset)
         self.steps_per_epoch = samples // self.global_batch

@@ -201,7 +201,7 @@ def settings(args: argparse.Namespace, config: Path, requests: list[ArmRequest])
         config_path=config, data=args.data.resolve(), eval_roots=eval_roots,
         seeds=list(dict.fromkeys(args.seeds)),
         max_steps=args.max_steps or (SMOKE.max_steps if smoke else base.optimization.max_steps),
-        batch=args.batch_size or (SMOKE.batch_size if smoke else base.data.batch_size),
+        batch=args.batch_size or (SMOKE.batch_size if smoke else base.data.micro_batch),
         overrides=list(args.overrides), smoke=smoke, device=args.device, jobs=args.jobs,
         threads=run_threads(args.jobs), workers=0 if smoke else args.workers, feature_batch=args.feature_batch,
         linear_epochs=min(args.linear_epochs, SMOKE.linear_epochs) if smoke else args.linear_epochs,

@@ -111,8 +111,8 @@ def published_balance(cfg: Config) -> Balance:
     grid = (side, side)
     tokens = mean_block_area((k.pred_mask_scale[0], k.pred_mask_scale[1]), (k.aspect_ratio[0], k.aspect_ratio[1]),
                              grid)
-    weight = published_pkt_weight(cfg.data.batch_size, k.num_pred_masks, tokens, o.pkt_chunk_size)
-    return Balance(weight, cfg.data.batch_size, k.num_pred_masks, tokens, o.pkt_chunk_size, grid)
+    weight = published_pkt_weight(cfg.data.micro_batch, k.num_pred_masks, tokens, o.pkt_chunk_size)
+    return Balance(weight, cfg.data.micro_batch, k.num_pred_masks, tokens, o.pkt_chunk_size, grid)
 
 
 def _sets(request: ArmRequest, balance: Balance) -> tuple[str, ...]:

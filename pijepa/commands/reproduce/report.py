@@ -176,7 +176,7 @@ def pkt_note(finals: dict[str, dict[str, float]], configs: dict[str, Config], ba
 def setup_values(s: Settings, cfg: Config, meta: dict[str, Any], train_images: int) -> dict[str, Any]:
     """The Setup section's values: the first pretrained run's resolved config and its encoder's features."""
     d, o, model = cfg.data, cfg.optimization, meta["model"]
-    steps, batch = o.max_steps, d.batch_size
+    steps, batch = o.max_steps, d.micro_batch
     return {
         "pretrain_set": s.pretrain, "train_images": train_images,
         "pretrain_src": shown(s.eval_roots[s.pretrain] / "train"), "wds_mode": d.wds_mode,
