@@ -139,6 +139,10 @@ class LoggingConfig:
     folder: str = "runs/default"
     write_tag: str = "jepa"
     log_freq: int = bounded(10, min=1)  # optimizer steps between console/TensorBoard/CSV lines
+    # optimizer steps between the checks that read the device or ask every rank (preemption signal,
+    # skipped non-finite steps); also at every log and checkpoint step. Keep check_freq x step time
+    # well inside the preemption grace period (e.g. 10 x 2 s against SLURM's --signal=...@120).
+    check_freq: int = bounded(10, min=1)
     checkpoint_freq: int = bounded(500, min=1)  # optimizer steps between checkpoints (and one at the end)
     keep_checkpoints: int = bounded(2, min=1)  # newest K step checkpoints kept
     tensorboard: bool = True

@@ -4,7 +4,8 @@
 backward, AdamW, EMA update) for several variants and reports images/s, step time, analytic FLOPs,
 model FLOP utilisation against a matmul peak measured on the same device in the same dtype, and
 peak memory. The baseline is the straightforward design of the original code: explicit softmax
-attention (`math`) and the plain loss (gather, then PKT chunk by chunk in a Python loop).
+attention (`math`), the plain loss (gather, then PKT chunk by chunk in a Python loop) and torch's
+default (foreach) AdamW; the other variants use pijepa's fused AdamW.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pijepa.masks import MultiBlockMaskCollator
 from pijepa.masks.reference import ReferenceMaskCollator
 from pijepa.models import build_encoder, build_predictor
 from pijepa.models.attention import xformers_available
-from pijepa.parallel.base import JEPAModels, ema_update_, param_groups
+from pijepa.parallel.base import JEPAModels, ema_update_, make_adamw, param_groups
 from pijepa.plan.flops import step_flops
 from pijepa.runtime.errors import ConfigError, LaunchError
 from pijepa.runtime.memory import peak_memory_mb, reset_peak_memory
@@ -86,8 +87,12 @@ def build_jepa(model: str, patch: int, img: int, pred_depth: int, pred_dim: int,
     return JEPAModels(enc.to(device), pred.to(device), target.to(device))
 
 
-def make_step(models: JEPAModels, loss_fn, images, masks_enc, masks_pred, dtype: torch.dtype):
-    opt = torch.optim.AdamW(param_groups(models), lr=1e-4, weight_decay=0.04)
+def make_step(models: JEPAModels, loss_fn, images, masks_enc, masks_pred, dtype: torch.dtype,
+              fused_adamw: bool = True):
+    kwargs: dict[str, Any] = {"lr": 1e-4, "weight_decay": 0.04}
+    # pijepa's AdamW (fused where torch has it), or the original's (torch's default, foreach)
+    opt = make_adamw(param_groups(models), images.device, **kwargs) if fused_adamw else \
+        torch.optim.AdamW(param_groups(models), **kwargs)
     online = dict(models.encoder.named_parameters())
     pairs = [(p, online[n]) for n, p in models.target_encoder.named_parameters() if online[n].requires_grad]
     tgt, onl = [p for p, _ in pairs], [p for _, p in pairs]
@@ -142,7 +147,7 @@ def bench_step(model: str = "vit_small", patch: int = 16, img: int = 224, batch:
             for m in (models.encoder, models.predictor, models.target_encoder):
                 apply_compile(m)
         loss_fn = build_loss("L2_PKT", chunk_size=chunk_size, fused="fused" in variant)
-        step, last = make_step(models, loss_fn, images, masks_enc, masks_pred, dt)
+        step, last = make_step(models, loss_fn, images, masks_enc, masks_pred, dt, fused_adamw=variant != "baseline")
         reset_peak_memory(dev)
         times = time_calls(step, dev, warmup, repeats)
         t = statistics.median(times)

@@ -1,4 +1,4 @@
-"""`pijepa bench step | loss | masks | data`: benchmarks that report ratios to a baseline measured
+"""`pijepa bench step | loss | masks | data | trainer`: benchmarks that report ratios to a baseline measured
 in the same run (the measuring code is pijepa.bench)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import argparse
 
 from pijepa.bench.data import run_bench_data
 from pijepa.bench.step import bench_loss, bench_masks, bench_step
+from pijepa.bench.trainer import bench_trainer
 from pijepa.commands._args import add_config_arguments, positive_int
 from pijepa.runtime.atomic import atomic_write_json
 
@@ -74,6 +75,17 @@ def _run_masks(args) -> None:
     _emit(r, args.out, table)
 
 
+def _run_trainer(args) -> None:
+    r = bench_trainer(args.model, args.patch, args.img, args.batch, args.pred_depth, args.pred_dim, args.workers,
+                      args.steps)
+    lines = [f"bench trainer: {r['model']} batch {r['batch']} float32 on {r['device']}; tokens {r['tokens']}",
+             f"{'':<40}{'step s':>9}{'img/s':>9}{'vs base':>9}"]
+    lines += [f"{x['what']:<40}{x['step_s']:>9.3f}{x['images_per_s']:>9.2f}{x['vs_baseline']:>8.2f}x"
+              for x in r["rows"]]
+    lines.append(f"pijepa train / bench step: {r['trainer_vs_bench_step']:.2f}x (images/s)")
+    _emit(r, args.out, "\n".join(lines))
+
+
 def add_bench_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--shards", required=True,
                         help="data.shards: a brace pattern, a list, a shards.json (or its folder) or pipe: commands")
@@ -89,9 +101,18 @@ def add_bench_data_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    bench = commands.add_parser("bench", help="benchmarks: step, loss, masks, data (ratios to a baseline)")
+    bench = commands.add_parser("bench", help="benchmarks: step, loss, masks, data, trainer (ratios to a baseline)")
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
     add_step_loss_masks(sub)
+    trainer = sub.add_parser("trainer", help="the real trainer vs `bench step` vs the original design's step, "
+                             "same shapes, one run")
+    for flag, default in (("--model", "vit_small"), ("--patch", 16), ("--img", 224), ("--batch", 8),
+                          ("--pred-depth", 6), ("--pred-dim", 384), ("--steps", 4)):
+        trainer.add_argument(flag, type=str if flag == "--model" else positive_int, default=default)
+    trainer.add_argument("--workers", type=int, choices=range(0, 65), default=1, metavar="N",
+                         help="DataLoader workers of the trainer (default 1; 0 = in the main process)")
+    trainer.add_argument("--out", help="also write the results as JSON")
+    trainer.set_defaults(run=_run_trainer, command_name="bench trainer")
     data = sub.add_parser("data", help="images/s of the webdataset loader against a single-process "
                           "decode + augment floor, for 1 and 2 workers")
     add_bench_data_arguments(data)

@@ -124,10 +124,15 @@ def rescale_residual_branches(blocks: nn.ModuleList) -> None:
     I-JEPA's training script re-draws every Linear with trunc_normal(0.02) and zero bias after
     construction (``init_model`` in its helper.py), which undoes this rescaling, so the models it
     trains start without it; pijepa's default starts from the same distribution."""
+    for layer_id, block in enumerate(as_blocks(blocks), start=1):
+        rescale_residual_branch(block, layer_id)
+
+
+def rescale_residual_branch(block: Block, layer_id: int) -> None:
+    """`rescale_residual_branches` for the one block numbered ``layer_id`` (1-based)."""
     with torch.no_grad():
-        for layer_id, block in enumerate(as_blocks(blocks), start=1):
-            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+        block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+        block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
 
 class VisionTransformer(nn.Module):

@@ -38,7 +38,8 @@
   rename is safe; DeepSpeed also writes `latest` and `zero_to_fp32.py` there). Next to it:
   `ds_state.pt` (rank 0: format, world size, stage, the full fp32 EMA target and `extra`) and
   `rng_rank{r}.pt` (every rank's RNG states). The layout and its offline reader (`pijepa export`)
-  are in deepspeed_checkpoint.py.
+  are in deepspeed_checkpoint.py; resuming at another world size goes through DeepSpeed's universal
+  checkpoint (deepspeed_reshard.py).
 - The DeepSpeed JSON (dist.deepspeed_config) holds the ZeRO settings; the keys that pijepa's
   config already decides are derived from it (deepspeed_config.py; see ds_configs/README.md).
 """
@@ -58,7 +59,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, rng_file, set_lr_wd
+from pijepa.parallel.base import (
+    JEPAModels,
+    Strategy,
+    ema_update_,
+    make_adamw,
+    param_groups,
+    rng_file,
+    set_lr_wd,
+)
 from pijepa.parallel.deepspeed_checkpoint import FORMAT, STATE_FILE, TAG, read_head
 from pijepa.parallel.deepspeed_config import (
     build_ds_config,
@@ -67,6 +76,9 @@ from pijepa.parallel.deepspeed_config import (
     resolve_ds_config_path,
     target_ds_config,
 )
+from pijepa.parallel.deepspeed_init import partition_from_meta
+from pijepa.parallel.deepspeed_reshard import load_at_new_world_size
+from pijepa.parallel.materialize import on_meta
 from pijepa.parallel.options import DistConfig, RunShape, accumulation_steps
 from pijepa.parallel.parallelize import canonical_name, prepare_blocks
 from pijepa.parallel.single import pick_device
@@ -126,6 +138,7 @@ class DeepSpeedStrategy(Strategy):
             read_ds_json(path), str(path), micro_batch=shape.micro_batch, accum=self.accum, world=self.world_size,
             clip_grad=shape.clip_grad, bf16=shape.bf16, zero_stage=dist_cfg.zero_stage)
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
+        self.builds_on_meta = self.stage == 3  # partitions each parameter as it is drawn (deepspeed_init.py)
         self.bf16, self.cfg = shape.bf16, dist_cfg
         if dist_cfg.compile and self.stage == 3:
             # Measured (torch 2.14, DeepSpeed 0.19): ZeRO-3's gather / release hooks on every layer
@@ -162,6 +175,8 @@ class DeepSpeedStrategy(Strategy):
             raise RuntimeError(f"accumulation {accum_steps} differs from the DeepSpeed config's {self.accum}")
         self.device = pick_device(self.local_rank)
         target = models.target_encoder.requires_grad_(False)
+        if on_meta(models):  # ZeRO-3 built on meta: drawn and partitioned a few parameters at a time
+            partition_from_meta(models, self.ds_config, target_ds_config(self.ds_config))
         c = self.cfg  # AC -> compile, then the engine wraps the models (the order FSDP uses)
         prepare_blocks(models.trainable(), target, c.activation_checkpointing, c.ac_every, c.compile)
         online = OnlineModels(models.encoder, models.predictor)
@@ -174,13 +189,14 @@ class DeepSpeedStrategy(Strategy):
         else:
             self.target_module = target_call = target.to(self.device)
         self._micro = 0
+        self._ema_cache: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._check_ema_pairs()
         module = self.engine.module
         return DeepSpeedModels(module.encoder, module.predictor, target_call, engine=self.engine)
 
     def _client_optimizer(self, models: JEPAModels, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
         if not offloads_optimizer(self.ds_config):
-            return torch.optim.AdamW(param_groups(models), **kwargs)
+            return make_adamw(param_groups(models), self.device, **kwargs)
         # DeepSpeed refuses a torch optimizer with optimizer offload (its step would run per
         # tensor in Python on the CPU); its CPU Adam in AdamW mode is torch's AdamW rule, and it
         # reads lr and weight decay from the param groups at every step, as torch's does.
@@ -196,7 +212,7 @@ class DeepSpeedStrategy(Strategy):
         if self._micro < self.accum:
             self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
 
-    def optimizer_step(self, lr: float, weight_decay: float) -> tuple[torch.Tensor, bool]:
+    def optimizer_step(self, lr: float, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
         if self._micro != self.accum or not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError(f"optimizer_step after {self._micro} micro-steps; expected {self.accum}")
         set_lr_wd(self.optimizer, lr, weight_decay)
@@ -204,12 +220,12 @@ class DeepSpeedStrategy(Strategy):
         # optimizers check the global norm themselves and skip the update when it is not finite.
         self.engine.step()
         self._micro = 0
-        applied = self.engine.was_step_applied()
+        applied = torch.tensor(self.engine.was_step_applied())  # DeepSpeed decided on the host already
         norm = self.engine.get_global_grad_norm()  # pre-clipping norm over all ranks' gradients
         if norm is None:  # zero_optimization.compute_grad_norm: false
             return torch.tensor(float("nan")), applied
         norm = norm.detach().float() if torch.is_tensor(norm) else torch.tensor(float(norm))
-        return norm, applied and bool(torch.isfinite(norm))
+        return norm, applied & torch.isfinite(norm).to(applied.device)
 
     def local_tensors(self) -> list[torch.Tensor]:
         modules = (self.engine.module, self.target_module)
@@ -217,8 +233,14 @@ class DeepSpeedStrategy(Strategy):
 
     def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(target, source) tensors of the trainable encoder parameters, paired by name. ZeRO-3: this
-        rank's fp32 target partition and the optimizer's fp32 master partition of the same elements
-        (looked up at every update: DeepSpeed may re-point them, e.g. on load)."""
+        rank's fp32 target partition and the optimizer's fp32 master partition of the same elements,
+        viewed in the target's shape. Cached: `setup` and `load` (where DeepSpeed may re-point the
+        partitions) clear the cache; a lookup per parameter and step would cost a host round trip each."""
+        if self._ema_cache is None:
+            self._ema_cache = self._find_ema_pairs()
+        return self._ema_cache
+
+    def _find_ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         from deepspeed.utils import safe_get_local_fp32_param
 
         online = {canonical_name(n): p for n, p in self.engine.module.encoder.named_parameters()}
@@ -229,7 +251,7 @@ class DeepSpeedStrategy(Strategy):
                 continue
             if self.stage == 3:
                 targets.append(t.ds_tensor)
-                sources.append(safe_get_local_fp32_param(o))
+                sources.append(safe_get_local_fp32_param(o).view(t.ds_tensor.shape))
             else:
                 targets.append(t)
                 sources.append(o)
@@ -249,7 +271,7 @@ class DeepSpeedStrategy(Strategy):
     def ema_update(self, momentum: float) -> None:
         targets, sources = self._ema_pairs()
         if self.stage == 3:  # this rank's master partitions (on the CPU with optimizer offload)
-            ema_update_(targets, [s.view(t.shape).to(t.device) for t, s in zip(targets, sources)], momentum)
+            ema_update_(targets, [s.to(t.device) for t, s in zip(targets, sources)], momentum)
         elif not self.bf16:  # fp32 module parameters: the master weights themselves
             ema_update_(targets, sources, momentum)
         else:
@@ -328,20 +350,27 @@ class DeepSpeedStrategy(Strategy):
     def load(self, folder: Path) -> dict[str, Any]:
         folder = Path(folder)
         head = read_head(folder)
-        for key, ours in (("world_size", self.world_size), ("zero_stage", self.stage)):
-            if head[key] != ours:
-                raise CheckpointError(
-                    f"{folder}: written with {key} {head[key]}, this run has {ours}; a DeepSpeed checkpoint "
-                    f"resumes with the same ranks and ZeRO stage (pijepa export consolidates it for a new run)")
-        load_path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
-        if load_path is None:
-            raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint under tag {TAG!r}")
-        self._load_target(head["target_encoder"], folder / STATE_FILE)
-        self._micro = 0
+        saved_world = int(head["world_size"])
+        if head["zero_stage"] != self.stage:
+            raise CheckpointError(
+                f"{folder}: written with ZeRO stage {head['zero_stage']}, this run has {self.stage}; a DeepSpeed "
+                f"checkpoint resumes with its own ZeRO stage (set dist.zero_stage {head['zero_stage']}; pijepa "
+                f"export consolidates it for a new run)")
+        if saved_world != self.world_size:  # re-partitioned through DeepSpeed's universal checkpoint
+            load_at_new_world_size(self, self.engine, folder, saved_world)
+        else:
+            load_path, _ = self.engine.load_checkpoint(str(folder), tag=TAG, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
+            if load_path is None:
+                raise CheckpointError(f"{folder}: DeepSpeed found no checkpoint under tag {TAG!r}")
+        self._load_target(head["target_encoder"], folder / STATE_FILE)  # full fp32: any world size
+        self._micro, self._ema_cache = 0, None
         extra = dict(head["extra"])
-        rng = folder / rng_file(self.rank)
-        if rng.is_file():  # this rank's own RNG states (rank 0's are in `extra`)
+        # Each rank resumes its own RNG stream; ranks beyond the saved world size reuse one of the
+        # saved streams, as under FSDP (nothing in the step draws from it: data and masks are
+        # step-addressed). Checkpoints that lack a rank's file keep rank 0's, from `extra`.
+        rng = folder / rng_file(self.rank % saved_world)
+        if rng.is_file():
             extra["rng"] = torch.load(rng, map_location="cpu", weights_only=True)
         self.barrier()
         return extra

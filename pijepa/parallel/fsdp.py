@@ -46,8 +46,18 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
-from pijepa.parallel.base import JEPAModels, Strategy, ema_update_, param_groups, rng_file, set_lr_wd, step_if_finite
+from pijepa.parallel.base import (
+    JEPAModels,
+    Strategy,
+    ema_update_,
+    make_adamw,
+    param_groups,
+    rng_file,
+    set_lr_wd,
+    step_if_finite,
+)
 from pijepa.parallel.formats import written_by
+from pijepa.parallel.materialize import blueprint, materialize, on_meta
 from pijepa.parallel.options import DistConfig, RunShape
 from pijepa.parallel.parallelize import apply_ac, apply_compile, apply_fsdp, canonical_name
 from pijepa.parallel.single import pick_device
@@ -106,6 +116,8 @@ def build_mesh(device_type: str, world_size: int, sharding: str, shard: int) -> 
 
 
 class FSDPStrategy(Strategy):
+    builds_on_meta = True  # shards first, then draws only this rank's shards (materialize.py)
+
     def __init__(self, dist_cfg: DistConfig | None = None, shape: RunShape | None = None) -> None:
         super().__init__()
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -141,6 +153,7 @@ class FSDPStrategy(Strategy):
               if self.bf16 else MixedPrecisionPolicy())
         encoder, predictor, target = models.encoder, models.predictor, models.target_encoder
         target.requires_grad_(False)
+        plan = blueprint(models) if on_meta(models) else None
 
         # Fixed order: AC -> compile -> FSDP (see parallelize.py). The target runs no-grad
         # forwards only, so it gets no AC; it is compiled like the encoder.
@@ -155,6 +168,8 @@ class FSDPStrategy(Strategy):
         apply_fsdp(target, self.mesh, mp, reshard_after_forward=True, reshard_root=True)
 
         self.models = JEPAModels(encoder, predictor, target)
+        if plan is not None:  # built on meta: this rank's shards get storage and weights now
+            materialize(self.models, plan, self.device)
         self._fsdp_trainable = [m for m in self.models.trainable() if isinstance(m, FSDPModule)]
         # One module owning both trainable models names the optimizer state by parameter FQN.
         self._optim_owner = nn.ModuleDict({"encoder": encoder, "predictor": predictor})
@@ -164,7 +179,7 @@ class FSDPStrategy(Strategy):
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPVisionTransformerPredictor\) "
                                 r"returned a view tensor")
         self.params = [p for m in self.models.trainable() for p in m.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(param_groups(self.models), **optimizer_kwargs)
+        self.optimizer = make_adamw(param_groups(self.models), self.device, **optimizer_kwargs)
         self._check_ema_pairs()
         if c.async_checkpoint:
             group = dist.new_group(backend="gloo")  # every rank is a member: a ProcessGroup
@@ -175,16 +190,23 @@ class FSDPStrategy(Strategy):
 
     @contextlib.contextmanager
     def micro_step(self, is_last: bool) -> Iterator[None]:
-        # Gradients accumulate unsharded and unreduced until the last micro-step, whose backward
-        # reduce-scatters the sum once.
-        for m in self._fsdp_trainable:
-            m.set_requires_gradient_sync(is_last)
+        # With accumulation, gradients accumulate unsharded and unreduced until the last
+        # micro-step, whose backward reduce-scatters the sum once; and the encoder's and
+        # predictor's parameters, gathered in the first micro-step's forward, stay gathered until
+        # the last backward (no all-gather on the micro-steps between). pijepa.plan.costs.fsdp
+        # prices both: one all-gather instead of one or two per micro-step, for the whole
+        # model's gathered weights held meanwhile.
+        if self.accum_steps > 1:
+            for m in self._fsdp_trainable:
+                m.set_requires_gradient_sync(is_last)
+                m.set_reshard_after_forward(False)
+                m.set_reshard_after_backward(is_last)
         yield
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum_steps).backward()
 
-    def optimizer_step(self, lr: float, weight_decay: float) -> tuple[torch.Tensor, bool]:
+    def optimizer_step(self, lr: float, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
         set_lr_wd(self.optimizer, lr, weight_decay)
         grads = [p.grad for p in self.params if p.grad is not None]
         # The norm of sharded DTensor grads is a partial result per rank; full_tensor() reduces it

@@ -11,6 +11,7 @@ from pijepa.parallel.base import (
     JEPAModels,
     Strategy,
     ema_update_,
+    make_adamw,
     param_groups,
     regroup_optimizer_state,
     set_lr_wd,
@@ -47,7 +48,7 @@ class SingleStrategy(Strategy):
                                                                models.target_encoder)))
         self.models.target_encoder.requires_grad_(False)
         self.params = [p for m in self.models.trainable() for p in m.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(param_groups(self.models), **optimizer_kwargs)
+        self.optimizer = make_adamw(param_groups(self.models), self.device, **optimizer_kwargs)
         # EMA pairs by name: the target is a copy of the encoder, so the names match one to one.
         online = dict(self.models.encoder.named_parameters())
         self._ema_pairs = [(p, online[n]) for n, p in self.models.target_encoder.named_parameters()
@@ -62,7 +63,7 @@ class SingleStrategy(Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum_steps).backward()
 
-    def optimizer_step(self, lr: float, weight_decay: float) -> tuple[torch.Tensor, bool]:
+    def optimizer_step(self, lr: float, weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
         set_lr_wd(self.optimizer, lr, weight_decay)
         grads = [p.grad for p in self.params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # DDP: reduced, alike on every rank

@@ -25,16 +25,27 @@ from pijepa.parallel.base import JEPAModels
 TrainData = Dataset | ShardSet
 
 
-def build_models(cfg: Config) -> JEPAModels:
-    """Encoder, predictor and an exact copy of the encoder as EMA target (same init, same seed)."""
+def build_models(cfg: Config, device: str = "cpu") -> JEPAModels:
+    """Encoder, predictor and an exact copy of the encoder as EMA target (same init, same seed).
+
+    `device` "meta" builds them without storage or weights, for a strategy that `builds_on_meta`:
+    its setup draws the weights into its shards, equal bit for bit to the ones built here on the
+    CPU (from `init_rng`, the generator state after seeding; see pijepa/models/init.py)."""
     torch.manual_seed(cfg.meta.seed)
-    encoder = build_encoder(cfg.meta.model_name, patch_size=cfg.mask.patch_size, img_size=cfg.data.crop_size,
-                            attn_backend=cfg.meta.attn_backend, depth=cfg.meta.encoder_depth,
-                            depth_scaled_init=cfg.meta.weight_init == "depth_scaled")
-    predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim)
-    target = copy.deepcopy(encoder)
+    init_rng = torch.get_rng_state() if device == "meta" else None
+    with torch.device(device):
+        encoder = build_encoder(cfg.meta.model_name, patch_size=cfg.mask.patch_size, img_size=cfg.data.crop_size,
+                                attn_backend=cfg.meta.attn_backend, depth=cfg.meta.encoder_depth,
+                                depth_scaled_init=cfg.meta.weight_init == "depth_scaled")
+        predictor = build_predictor(encoder, pred_depth=cfg.meta.pred_depth, pred_emb_dim=cfg.meta.pred_emb_dim)
+    target = copy.deepcopy(encoder)  # on meta: no copy of any weights
     target.requires_grad_(False)
-    return JEPAModels(encoder, predictor, target)
+    return JEPAModels(encoder, predictor, target, init_rng=init_rng)
+
+
+def build_models_for(cfg: Config, strategy: Strategy) -> JEPAModels:
+    """`build_models` on the device that `strategy.setup` wants them on (meta, or built on the CPU)."""
+    return build_models(cfg, "meta" if strategy.builds_on_meta else "cpu")
 
 
 def model_entry(cfg: Config) -> dict:

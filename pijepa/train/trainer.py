@@ -24,7 +24,7 @@ from pijepa.train.build import (
     accumulation_steps,
     build_dataset,
     build_loss_fn,
-    build_models,
+    build_models_for,
     build_strategy_for,
     build_train_loader,
     epoch_samples,
@@ -37,6 +37,7 @@ from pijepa.train.checkpoint import Checkpointer, rng_state
 from pijepa.train.diagnostics import collapse_stats, term_gradient_norms
 from pijepa.train.metrics import MetricsLogger
 from pijepa.train.schedules import build_schedules
+from pijepa.train.skips import SkipCounter
 
 LOSS_PARTS = ("l2", "pkt")  # logged as loss_l2, loss_pkt; the other parts are diagnostics
 
@@ -67,14 +68,14 @@ class Trainer:
         self.schedules = build_schedules(cfg.optimization, self.steps_per_epoch)
 
         o = cfg.optimization
-        self.models = self.strategy.setup(build_models(cfg), self.accum, o.clip_grad,
+        self.models = self.strategy.setup(build_models_for(cfg, self.strategy), self.accum, o.clip_grad,
                                           {"lr": o.start_lr, "weight_decay": o.weight_decay})
         self.device = self.strategy.device
         self.loss_fn = build_loss_fn(cfg, self.device)
         self.autocast = cfg.meta.use_bfloat16
         self.checkpointer = Checkpointer(self.run_dir, self.strategy, cfg.logging.keep_checkpoints)
         self.last_checkpoint: Path | None = None
-        self.skipped_steps, self.nonfinite_in_a_row = 0, 0
+        self.skips, self.skipped_steps = SkipCounter(self.device), 0
         self.start_step = self._restore()
         if self.strategy.is_main:
             dump_config(cfg, self.run_dir / "config.yaml")
@@ -134,11 +135,10 @@ class Trainer:
         terms, _ = self.loss_fn.terms(z_copy, h, masks_pred)
         return {**term_gradient_norms(terms, z_copy), **collapse_stats(h)}
 
-    def train_step(self, batches: list) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, bool]:
+    def train_step(self, batches: list) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """One optimizer step over `accum` micro-batches and the EMA update; returns the detached
         loss, its parts (with the diagnostics of the last micro-batch on log steps), the gradient
-        norm and whether the step was applied (not skipped as non-finite: then neither the models
-        nor the target moved)."""
+        norm and whether the step was applied (not skipped as non-finite), all on the device."""
         step, s = self.step, self.schedules
         total = torch.zeros((), device=self.device)
         parts_sum: dict[str, torch.Tensor] = {}
@@ -155,8 +155,7 @@ class Trainer:
             for name, value in parts.items():
                 parts_sum[name] = parts_sum.get(name, 0) + value.detach().float() / len(batches)
         grad_norm, applied = self.strategy.optimizer_step(s.lr_for_step(step), s.wd_for_step(step))
-        if applied:
-            self.strategy.ema_update(s.momentum_for_step(step))
+        self.strategy.ema_update(s.momentum_for_step(step))  # skipped steps too, as the reference
         return total, {**parts_sum, **diagnostics}, grad_norm, applied
 
     def _is_log_step(self, done: int) -> bool:
@@ -187,11 +186,16 @@ class Trainer:
                 loss, parts, grad_norm, applied = self.train_step(micro_batches)
                 done = step + 1
                 bar.update(1)
-                self._count_nonfinite(applied, done, loss, parts)
+                self.skips.add(applied)
+                saving = done % self.cfg.logging.checkpoint_freq == 0 or done == self.total_steps
+                # The host reads the device and asks every rank only at check points, not every step.
+                check = saving or self._is_log_step(done) or done % self.cfg.logging.check_freq == 0
+                if check:
+                    self._check_skips(done, loss, parts)
                 self._log(done, micro_batches, loss, parts, grad_norm, bar)
-                preempted = s.any_rank(preemption.requested)
+                preempted = check and s.any_rank(preemption.requested)
                 self.checkpointer.poll()  # an async save in flight is completed once every rank wrote it
-                if done % self.cfg.logging.checkpoint_freq == 0 or done == self.total_steps or preempted:
+                if saving or preempted:
                     self._save(done)
                 if preempted:
                     if s.is_main:
@@ -222,22 +226,24 @@ class Trainer:
                                  f"{self.last_checkpoint or 'none'}")
         self.last_checkpoint = self.checkpointer.save(done, self._extra_state(done))
 
-    def _count_nonfinite(self, applied: bool, done: int, loss: torch.Tensor, parts: dict) -> None:
-        if applied:
-            self.nonfinite_in_a_row = 0
+    def _check_skips(self, done: int, loss: torch.Tensor, parts: dict) -> None:
+        """Warns about the steps skipped as non-finite since the last check; stops after
+        optimization.max_nonfinite_steps in a row (the counts live on the device: one read)."""
+        counts = self.skips.read()
+        new, self.skipped_steps = counts.total - self.skipped_steps, counts.total
+        if not new and counts.worst_in_a_row == 0:
             return
-        self.skipped_steps += 1
-        self.nonfinite_in_a_row += 1
         values = " ".join(f"{k}={float(v):.4g}" for k, v in {"loss": loss, **parts}.items())
         limit = self.cfg.optimization.max_nonfinite_steps
-        if self.nonfinite_in_a_row >= limit:
+        if counts.worst_in_a_row >= limit:
             raise NonFiniteError(
                 f"step {done}: loss or gradients not finite for {limit} steps in a row "
                 f"(optimization.max_nonfinite_steps); this rank's loss: {values}. Last good checkpoint: "
                 f"{self.last_checkpoint or 'none'}")
-        if self.strategy.is_main:
-            warn(f"step {done}: non-finite loss or gradients ({values}); step skipped "
-                    f"({self.nonfinite_in_a_row} in a row, {self.skipped_steps} in this process)")
+        if new and self.strategy.is_main:
+            what = "step skipped" if new == 1 else f"{new} steps skipped since the last check"
+            warn(f"step {done}: non-finite loss or gradients ({values}); {what} ({counts.in_a_row} in a row "
+                 f"now, {counts.total} in this process)")
 
     def _log_masks(self, batch, step: int) -> None:
         """The masks this step trained on, drawn over its first images (rank 0, CPU, cheap)."""

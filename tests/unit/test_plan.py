@@ -327,11 +327,15 @@ def test_communication_volumes() -> None:
     ring = (n - 1) / n
     assert C.communication_bytes(s, "single", 1, 1, True).total == 0
     assert C.communication_bytes(s, "ddp", n, 4, True).all_reduce == pytest.approx(2 * ring * 4 * psi)
-    full = C.communication_bytes(s, "fsdp_full", n, 3, True)
-    assert full.all_gather == pytest.approx(3 * ring * 2 * (2 * p + pe))  # fwd, bwd, target; per micro-step
-    assert full.reduce_scatter == pytest.approx(ring * 4 * psi)  # once per step
-    grad_op = C.communication_bytes(s, "fsdp_grad_op", n, 3, True)
-    assert grad_op.all_gather == pytest.approx(3 * ring * 2 * (p + pe))
+    # Without accumulation: forward, backward (full only) and the target's forward, per step.
+    assert C.communication_bytes(s, "fsdp_full", n, 1, True).all_gather == pytest.approx(ring * 2 * (2 * p + pe))
+    assert C.communication_bytes(s, "fsdp_grad_op", n, 1, True).all_gather == pytest.approx(ring * 2 * (p + pe))
+    # With 3 micro-steps (issue 17): encoder + predictor gathered once, kept across the micro-steps;
+    # the target's forward gathers in each. The gradients are reduce-scattered once.
+    for sharding in ("full", "grad_op"):
+        accumulating = C.communication_bytes(s, f"fsdp_{sharding}", n, 3, True)
+        assert accumulating.all_gather == pytest.approx(ring * 2 * (p + 3 * pe))
+        assert accumulating.reduce_scatter == pytest.approx(ring * 4 * psi)  # once per step
     z2 = C.communication_bytes(s, "zero2", n, 3, True)
     # Gradients reduced in fp32 (communication_data_type, issue 15; was bf16: 3 * ring * 2 * psi);
     # the bf16 EMA all-reduces the encoder's fp32 master weights (990 trained elements) every step.

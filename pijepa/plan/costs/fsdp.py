@@ -10,8 +10,17 @@ the rows of the state table are in pijepa/plan/costs/__init__.py.
   encoder. `hybrid` is `full` within a shard group of S ranks, replicated across the groups.
 - Gradient accumulation: pijepa skips gradient synchronisation on all but the last micro-step;
   FSDP2 then keeps the UNSHARDED gradients, upcast to the fp32 reduce dtype (4Psi, not 4Psi/S),
-  until the last micro-step reduce-scatters them. This is counted whenever accumulation > 1 and is
-  why FSDP prefers accumulation 1.
+  until the last micro-step reduce-scatters them; and the encoder's and predictor's parameters,
+  gathered once in the first micro-step's forward, stay gathered until the last backward
+  (set_reshard_after_forward/backward False). Why this and not the alternatives, per GPU per
+  optimizer step with A micro-steps, P = encoder + predictor parameters, Pe = encoder (target):
+    re-gather every micro-step, sync at the end (pijepa before): AG A(2P + Pe)w, RS 4Psi; holds 4Psi
+    sync every micro-step (grads stay sharded):                   AG A(2P + Pe)w, RS A 4Psi
+    gathered across micro-steps, sync at the end (pijepa now):     AG (P + A Pe)w, RS 4Psi; holds 4Psi + Pw
+  At A = 4 in bf16 (w = 2): 28, 40 and 14 Psi-bytes (Pe ~ P); the last costs Pw (1.3 GB for
+  ViT-H/14, 2 GB for ViT-g/16) more memory than the first. Accumulation is what a run uses when
+  the per-GPU batch does not fit, so the memory is counted (forward weights P w below) and the plan
+  picks a micro-batch with it; FSDP still prefers accumulation 1, which the recipes use.
 """
 
 from __future__ import annotations
@@ -54,7 +63,9 @@ class FsdpCost(CostModel):
         w = self.precision(bf16).weights
         accumulating = accum > 1
         root = shape.root_params * w  # root units stay gathered from forward to backward
-        if self.reshards_after_forward:
+        if accumulating:
+            forward = p_all * w  # gathered from the first forward to the last backward
+        elif self.reshards_after_forward:
             forward = 2 * block * w + root  # the running block and the prefetched next one
         else:
             forward = p_all * w  # every block stays gathered until its backward
@@ -72,12 +83,16 @@ class FsdpCost(CostModel):
     def communication(self, shape: ModelShape, world: int, shards: int, accum: int, bf16: bool) -> Communication:
         psi, p_all, pe, s = shape.trainable_params, shape.params, shape.encoder_params, shards
         w = BF16 if bf16 else FP32
-        # Each micro-step gathers encoder + predictor for forward and the target for its forward;
-        # `full` gathers encoder + predictor again in backward. The fp32 reduce-scatter runs once.
-        gathers = p_all + pe + (p_all if self.reshards_after_forward else 0)
+        # Each micro-step gathers the target for its forward. Without accumulation encoder +
+        # predictor are gathered for forward and, under `full`, again in backward; with it, once
+        # per optimizer step (kept gathered across micro-steps). The fp32 reduce-scatter runs once.
+        if accum > 1:
+            gathers = p_all + accum * pe
+        else:
+            gathers = p_all + pe + (p_all if self.reshards_after_forward else 0)
         replicas = world // s
         across = 2 * ring(psi * FP32 / s, replicas) if replicas > 1 else 0.0  # HSDP: all-reduce of shards
-        return Communication(accum * ring(gathers * w, s), ring(psi * FP32, s), across)
+        return Communication(ring(gathers * w, s), ring(psi * FP32, s), across)
 
 
 def configured(dist: DistConfig, gpus: int) -> tuple[str, int]:
