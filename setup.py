@@ -16,6 +16,8 @@ setup(
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",
+        # image decoding (torchvision 0.29 deprecates its own); 0.17 is built against torch 2.14
+        "torchcodec==0.17.0",
         "numpy",
         "pyyaml",
         "tqdm",

@@ -47,6 +47,20 @@ def free_port(ports: Iterable[int]) -> int:
     raise RuntimeError("no free port left in this test file's range")
 
 
+def cifar_shards(factory, name: str, per_class: int, per_shard: int) -> Path:
+    """Webdataset shards (and shards.json) of the first `per_class` real CIFAR-10 train images of
+    each class, in a fresh folder of `factory` (tmp_path_factory); the test skips without the data."""
+    from pijepa.data.shards import write_shards
+
+    src = DATA / "cifar10" / "train"
+    if not src.is_dir():
+        pytest.skip(f"real image data not found at {src}")
+    root = factory.mktemp(name)
+    out = root / "shards"
+    write_shards(tar_subset(src, root / "src", per_class), out, samples_per_shard=per_shard, progress=False)
+    return out
+
+
 def tar_subset(src: Path, dst: Path, n: int) -> Path:
     """dst/<class>.tar with the first n members of each real per-class tar in src."""
     dst.mkdir(parents=True)

@@ -24,7 +24,9 @@ def build_train_transform(
     color_jitter_strength: float = 0.0,
     gaussian_blur: bool = False,
 ) -> v2.Compose:
-    """I-JEPA's pretraining augmentation: RandomResizedCrop (+ optional flip, colour, blur)."""
+    """I-JEPA's pretraining augmentation: RandomResizedCrop (+ optional flip, colour, blur), on
+    uint8 images and to uint8 crops: a worker sends a quarter of float32's bytes to the trainer,
+    which scales and normalises whole batches on its device (`normalize_batch`), the same ops."""
     steps: list = [v2.RandomResizedCrop(crop_size, scale=crop_scale, antialias=True)]
     if horizontal_flip:
         steps.append(v2.RandomHorizontalFlip())
@@ -34,8 +36,14 @@ def build_train_transform(
                   v2.RandomGrayscale(p=0.2)]
     if gaussian_blur:
         steps.append(v2.RandomApply([v2.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return v2.Compose(steps)
+
+
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 crops [B, 3, H, W] -> float32 in [0, 1], ImageNet-normalised: what the evaluation
+    transform does per image (`v2.ToDtype(scale=True)`, `v2.Normalize`), for a batch on any device."""
+    return v2.functional.normalize(v2.functional.to_dtype(images, torch.float32, scale=True),
+                                   list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
 def build_eval_transform(crop_size: int) -> v2.Compose:
@@ -47,10 +55,3 @@ def build_eval_transform(crop_size: int) -> v2.Compose:
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Undo the ImageNet normalisation of training batches: float ``[B, 3, H, W]`` -> uint8."""
-    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(IMAGENET_STD)[:, None, None]
-    return ((images.detach().float().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)

@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 
+from pijepa.data.decode import decode_rgb
 from pijepa.data.shards import INDEX_NAME, detect_layout, read_index, scan_container
 from pijepa.runtime.errors import ConfigError, DataError, DataNotFoundError
 
@@ -186,12 +186,8 @@ def read_bytes(sample: Sample) -> bytes:
 
 
 def decode_sample(sample: Sample) -> torch.Tensor:
-    """uint8 RGB [3, H, W] for any image torchvision decodes (greyscale and CMYK converted)."""
-    data = torch.frombuffer(bytearray(read_bytes(sample)), dtype=torch.uint8)
-    try:
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except RuntimeError as e:
-        raise DataError(f"{sample.path}: cannot decode {sample.name} ({e})") from None
+    """uint8 RGB [3, H, W] of one sample (greyscale and CMYK converted); one DataError line if not an image."""
+    return decode_rgb(read_bytes(sample), f"{sample.path}: {sample.name}")
 
 
 class EvalImages(Dataset):

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from pijepa.config import Config, dump_config
-from pijepa.data.transforms import to_uint8
+from pijepa.data.transforms import normalize_batch
 from pijepa.losses.registry import sum_terms
 from pijepa.masks.viz import mask_grid_from_batch
 from pijepa.runtime.errors import DataError, NonFiniteError
@@ -143,7 +143,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         parts_sum: dict[str, torch.Tensor] = {}
         for i, (images, _labels, masks_enc, masks_pred) in enumerate(batches):
-            images = images.to(self.device, non_blocking=True)
+            images = normalize_batch(images.to(self.device, non_blocking=True))  # uint8 crops until here
             masks_enc = masks_enc.to(self.device, non_blocking=True)
             masks_pred = masks_pred.to(self.device, non_blocking=True)
             last = i == len(batches) - 1
@@ -249,7 +249,7 @@ class Trainer:
         """The masks this step trained on, drawn over its first images (rank 0, CPU, cheap)."""
 
         images, _labels, masks_enc, masks_pred = batch
-        self.metrics.image("masks", mask_grid_from_batch(to_uint8(images[:8]), masks_enc, masks_pred,
+        self.metrics.image("masks", mask_grid_from_batch(images[:8], masks_enc, masks_pred,
                                                          self.cfg.mask.patch_size), step)
 
     def _scalars(self, loss, parts, grad_norm, steps: int, elapsed: float) -> dict[str, float]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import DATA, REPO, TINY_OVERRIDES, free_port, launch_env, run_cli, tar_subset
+from tests.conftest import REPO, TINY_OVERRIDES, cifar_shards, free_port, launch_env
 
 PORTS = range(29950, 29970)  # this file's rendezvous ports
 CONFIG = str(REPO / "configs/cpu_default.yaml")
@@ -178,15 +178,7 @@ def check_loaded(records: list[dict], folder: Path, stage: int, saved_world: int
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    src = DATA / "cifar10" / "train"
-    if not src.is_dir():
-        pytest.skip(f"real image data not found at {src}")
-    root = tmp_path_factory.mktemp("ds_world")
-    out = root / "shards"
-    r = run_cli("shards", "write", "--src", str(tar_subset(src, root / "src", 4)), "--out", str(out),
-                "--samples-per-shard", "10", "--no-progress")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out / "shards.json"
+    return cifar_shards(tmp_path_factory, "ds_world", 4, 10) / "shards.json"
 
 
 def latest(run_dir: Path) -> Path:

@@ -22,12 +22,13 @@ from PIL import Image
 
 from pijepa.cli import main as cli_main
 from pijepa.config import ConfigError, load_config
-from pijepa.data.shards import read_index, write_shards
+from pijepa.data.shards import read_index
+from pijepa.data.transforms import normalize_batch
 from pijepa.data.wds import ReaderPlan, balanced_split, check_readers, decode_rgb, resolve_shards, split_spec
 from pijepa.data.wds.restart import finite_restart
 from pijepa.runtime.errors import DataError
 from pijepa.train.build import build_collator, build_dataset, build_train_loader
-from tests.conftest import DATA, REPO, TINY_OVERRIDES, run_cli, tar_subset
+from tests.conftest import REPO, TINY_OVERRIDES, cifar_shards, run_cli
 
 PER_CLASS, PER_SHARD = 30, 25  # 10 classes -> 300 images in 12 shards
 TINY_DATA = ["data.dataset=webdataset", "data.shards=set-below", "data.crop_size=32", "mask.patch_size=8",
@@ -39,13 +40,7 @@ TINY_DATA = ["data.dataset=webdataset", "data.shards=set-below", "data.crop_size
 
 @pytest.fixture(scope="module")
 def shards_dir(tmp_path_factory) -> Path:
-    src = DATA / "cifar10" / "train"
-    if not src.is_dir():
-        pytest.skip(f"real image data not found at {src}")
-    root = tmp_path_factory.mktemp("wds")
-    out = root / "shards"
-    write_shards(tar_subset(src, root / "src", PER_CLASS), out, samples_per_shard=PER_SHARD, progress=False)
-    return out
+    return cifar_shards(tmp_path_factory, "wds", PER_CLASS, PER_SHARD)
 
 
 def all_keys(shards: Path, pattern: str = "*.tar") -> set[str]:
@@ -80,13 +75,15 @@ FINITE = ("data.wds_mode=finite", "data.batch_size=10", "data.shuffle_buffer=50"
 # ----------------------------------------------------------------------------- batches
 
 
-def test_batches_are_normalised_crops_with_labels_and_masks(shards_dir):
+def test_batches_are_uint8_crops_with_labels_and_masks(shards_dir):
     index = read_index(shards_dir)
     batches = take(make_loader(str(shards_dir), *FINITE, "data.num_workers=0"), 3)
     collator = build_collator(make_cfg(str(shards_dir), *FINITE))
     for (images, labels, masks_enc, masks_pred), info in batches:
-        assert images.shape == (10, 3, 32, 32) and images.dtype == torch.float32
-        assert images.min() < -0.5 and images.max() > 0.5 and abs(float(images.mean())) < 1.5  # ImageNet-normalised
+        # uint8 crops (issue 17): the trainer normalises them on its device
+        assert images.shape == (10, 3, 32, 32) and images.dtype == torch.uint8
+        normed = normalize_batch(images)
+        assert normed.min() < -0.5 and normed.max() > 0.5 and abs(float(normed.mean())) < 1.5  # ImageNet-normalised
         # labels are the cls of each sample: the class named in its key (CIFAR files are <class>_<id>.jpg)
         assert labels.tolist() == [index["class_to_idx"][k.rsplit("_", 1)[0]] for k in info["keys"]]
         assert masks_enc.shape[:2] == (1, 10) and masks_pred.shape[:2] == (4, 10)

@@ -71,10 +71,11 @@ reader epoch), ``stream`` (the worker side: reading, shuffling, decoding, batche
 resume).
 """
 
+from pijepa.data.decode import decode_rgb
 from pijepa.data.wds.loader import WebDatasetLoader, build_wds_loader
 from pijepa.data.wds.plan import ReaderPlan, balanced_split
 from pijepa.data.wds.spec import MODES, ShardSet, WdsMode, check_readers, resolve_shards, split_spec
-from pijepa.data.wds.stream import IMAGE_KEYS, decode_rgb
+from pijepa.data.wds.stream import IMAGE_KEYS
 
 __all__ = ["IMAGE_KEYS", "MODES", "ReaderPlan", "ShardSet", "WdsMode", "WebDatasetLoader", "balanced_split",
            "build_wds_loader", "check_readers", "decode_rgb", "resolve_shards", "split_spec"]

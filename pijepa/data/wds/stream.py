@@ -11,9 +11,8 @@ from typing import Any
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from pijepa.data.folder import as_uint8
+from pijepa.data.decode import decode_rgb
 from pijepa.data.transforms import crop_seed
 from pijepa.data.wds.plan import ReaderPlan
 from pijepa.runtime.errors import DataError
@@ -28,18 +27,9 @@ _MAX_EMPTY_EPOCHS = 20  # a reader that reads nothing this often in a row has no
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_rgb(data: bytes) -> torch.Tensor:
-    """JPEG (any colour mode, CMYK and greyscale included) or other formats -> uint8 [3, H, W]."""
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    try:
-        return decode_jpeg(raw, mode=ImageReadMode.RGB)
-    except RuntimeError:  # not a JPEG after all (a PNG named .jpg, ...)
-        return as_uint8(decode_image(raw, mode=ImageReadMode.RGB))
-
-
 def decode_image_field(key: str, data: bytes) -> torch.Tensor | None:
     """webdataset decoder handler: image extensions only (everything else falls through)."""
-    return decode_rgb(data) if key.lstrip(".").lower() in IMAGE_KEYS else None
+    return decode_rgb(data, key) if key.lstrip(".").lower() in IMAGE_KEYS else None
 
 
 # ----------------------------------------------------------------------------- reading
