@@ -220,12 +220,13 @@ class DeepSpeedStrategy(Strategy):
         # optimizers check the global norm themselves and skip the update when it is not finite.
         self.engine.step()
         self._micro = 0
-        applied = torch.tensor(self.engine.was_step_applied())  # DeepSpeed decided on the host already
+        applied = self.engine.was_step_applied()  # DeepSpeed decided on the host already
         norm = self.engine.get_global_grad_norm()  # pre-clipping norm over all ranks' gradients
         if norm is None:  # zero_optimization.compute_grad_norm: false
-            return torch.tensor(float("nan")), applied
+            return torch.tensor(float("nan")), torch.tensor(applied)
         norm = norm.detach().float() if torch.is_tensor(norm) else torch.tensor(float(norm))
-        return norm, applied & torch.isfinite(norm).to(applied.device)
+        # on the norm's device: no copy back to the host
+        return norm, torch.isfinite(norm) & applied
 
     def local_tensors(self) -> list[torch.Tensor]:
         modules = (self.engine.module, self.target_module)

@@ -171,6 +171,9 @@ class FSDPStrategy(Strategy):
         if plan is not None:  # built on meta: this rank's shards get storage and weights now
             materialize(self.models, plan, self.device)
         self._fsdp_trainable = [m for m in self.models.trainable() if isinstance(m, FSDPModule)]
+        if accum_steps > 1:  # gathered once per optimizer step, kept across micro-steps (micro_step)
+            for m in self._fsdp_trainable:
+                m.set_reshard_after_forward(False)
         # One module owning both trainable models names the optimizer state by parameter FQN.
         self._optim_owner = nn.ModuleDict({"encoder": encoder, "predictor": predictor})
         # The predictor's output is a view (Linear on [B, K, D]); FSDP warns on every rank that an
@@ -199,7 +202,6 @@ class FSDPStrategy(Strategy):
         if self.accum_steps > 1:
             for m in self._fsdp_trainable:
                 m.set_requires_gradient_sync(is_last)
-                m.set_reshard_after_forward(False)
                 m.set_reshard_after_backward(is_last)
         yield
 

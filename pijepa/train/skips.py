@@ -23,10 +23,12 @@ class SkipCounter:
         self._counts = torch.zeros(3, dtype=torch.int64, device=device)
 
     def add(self, applied: torch.Tensor) -> None:
-        skipped = (~applied.to(self._counts.device)).long()
-        in_a_row = (self._counts[0] + skipped) * skipped
-        worst = torch.maximum(self._counts[1], in_a_row)
-        self._counts = torch.stack([in_a_row, worst, self._counts[2] + skipped])
+        """In place on the device: no host sync, no new tensor kept per step."""
+        skipped = (~applied.to(self._counts.device, non_blocking=True)).long()
+        in_a_row, worst, total = self._counts  # views
+        in_a_row.add_(skipped).mul_(skipped)
+        torch.maximum(worst, in_a_row, out=worst)
+        total.add_(skipped)
 
     def read(self) -> SkipCounts:
         """The counts (one host sync); the longest run restarts from the current one."""
