@@ -134,6 +134,11 @@ class FSDPStrategy(Strategy):
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        # The mesh is made with the process group, before any model exists (as torchtitan's
+        # ParallelDims does): making it reads rank lists back to the host, which a caller that
+        # then builds the models on fake tensors (pijepa.rehearsal) could not do in fake mode.
+        shard = self._hybrid[0] if self._hybrid else self.world_size
+        self.mesh = build_mesh(self.device.type, self.world_size, self.cfg.fsdp_sharding, shard)
         # A gloo group for async saves, apart from the training collectives.
         self._ckpt_group: dist.ProcessGroup | None = None
         self._pending: Future | None = None
@@ -144,11 +149,10 @@ class FSDPStrategy(Strategy):
               optimizer_kwargs: dict[str, Any]) -> JEPAModels:
         c = self.cfg
         self.accum_steps, self.clip_grad = accum_steps, clip_grad
-        shard = self._hybrid[0] if self._hybrid else self.world_size
-        self.mesh = build_mesh(self.device.type, self.world_size, c.fsdp_sharding, shard)
         if self._hybrid:
+            shard, source = self._hybrid
             console(f"FSDP hybrid: {self.world_size // shard} replica group(s) x {shard} rank(s) per shard group "
-                    f"(from {self._hybrid[1]})")
+                    f"(from {source})")
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if self.bf16 else MixedPrecisionPolicy())
         encoder, predictor, target = models.encoder, models.predictor, models.target_encoder

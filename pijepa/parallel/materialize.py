@@ -6,7 +6,9 @@ a `blueprint` of them before it wraps them, shards them, gives them empty storag
 on the CPU, in the order and from the generator state of the full CPU build (pijepa.models.init),
 this rank's part of it is copied into the sharded parameter, and the full value is dropped. The
 weights are then bit for bit the single-process build's, and the peak host memory is about this
-rank's shards plus one transformer block, not the whole encoder, predictor and target.
+rank's shards plus one transformer block, not the whole encoder, predictor and target. Under fake
+tensors (a rehearsal of the run, pijepa.rehearsal) the models only get their fake storage, as
+torchtitan skips its weight init there.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from pijepa.models.init import draw_weights
 from pijepa.parallel.base import JEPAModels
 from pijepa.parallel.parallelize import canonical_name
+from pijepa.runtime.torch_private import in_fake_mode
 
 
 def on_meta(models: JEPAModels) -> bool:
@@ -69,6 +72,8 @@ def materialize(models: JEPAModels, plan: Blueprint, device: torch.device) -> No
     CPU generator is left where the full build leaves it."""
     for module in (models.encoder, models.predictor, models.target_encoder):
         module.to_empty(device=device)
+    if in_fake_mode():  # a rehearsal on fake tensors (pijepa.rehearsal): storage only, nothing to draw
+        return
     into = [[_named(models.encoder), _named(models.target_encoder)], [_named(models.predictor)]]
     missing = [{*into[0][0]}, {*into[1][0]}]
     torch.set_rng_state(plan.init_rng)

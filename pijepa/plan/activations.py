@@ -15,7 +15,8 @@ and measured peak memory in tests/unit/test_plan.py.
   block at a time in backward (its activations plus its backward work, counted as transient);
   `selective` does that for every `ac_every`-th block.
 - The target encoder runs without gradient: its activations are transient (one block's working set
-  over all N tokens); its output h [B, N, d] fp32 stays until the loss (and backward, conservatively).
+  over all N tokens); its output h [B, N, d] (fp32 on CUDA, where autocast runs LayerNorm in fp32)
+  stays until the step's forward returns, as do the predictions: backward starts without them.
 - Fused loss: fp32 LayerNorm-ed target rows (kept by smooth L1), the fp32 copy of bf16 predictions,
   unit prediction rows padded to the PKT groups, and per group two C x C fp32 matrices (the log's
   input and the target distribution); transient: the unit target rows and the C x C temporaries of
@@ -59,20 +60,33 @@ def block_checkpointed_bytes(seqs: float, seq_len: float, tower: Tower, prec: Pr
 
 def block_backward_work_bytes(seqs: float, seq_len: float, tower: Tower, prec: Precision) -> float:
     """Gradient buffers live inside one block's backward beyond its saved activations: the incoming
-    and outgoing residual gradients and, at the MLP, one MLP-width gradient net (the gradients of
-    the GELU and fc1 outputs appear as the tensors they replace are released)."""
+    residual gradient and, at the MLP, one MLP-width gradient net (the gradients of the GELU and
+    fc1 outputs appear as the tensors they replace are released; the outgoing residual gradient
+    is made once the MLP's are gone). Measured by the trace (pijepa.rehearsal)."""
     d, h = tower.width, tower.hidden
-    return seqs * seq_len * (2 * d * prec.residual + h * prec.compute)
+    return seqs * seq_len * (d * prec.residual + h * prec.compute)
 
 
 def block_forward_work_bytes(seqs: float, seq_len: float, tower: Tower, prec: Precision) -> float:
-    """Live set of one block's forward without gradient: at the MLP, the residual stream, the
-    LayerNorm output (the MLP's argument) and the fc1 and GELU outputs."""
+    """Live set of one block's forward without gradient: at the MLP, the block's input (its caller
+    still holds it) and the mid-block residual, the LayerNorm output (the MLP's argument), the fc1
+    and GELU outputs, and one more token-wide temporary (measured by the trace, pijepa.rehearsal)."""
     d, h = tower.width, tower.hidden
-    return seqs * seq_len * (d * prec.residual + d * max(prec.compute, prec.residual) + 2 * h * prec.compute)
+    return seqs * seq_len * (2 * d * prec.residual + 2 * d * max(prec.compute, prec.residual)
+                             + 2 * h * prec.compute)
 
 
 # ---------------------------------------------------------------- towers under checkpointing
+
+
+def forward_extra(seqs: float, seq_len: float, tower: Tower, prec: Precision, ac: str, every: int,
+                  head: float) -> float:
+    """How far a tower's forward rises above what it keeps: a checkpointed last block runs its whole
+    forward without keeping it (its input is kept already), before the head exists."""
+    if not last_block_checkpointed(tower.depth, ac, every):
+        return 0.0
+    work = block_forward_work_bytes(seqs, seq_len, tower, prec) - block_checkpointed_bytes(seqs, seq_len, tower, prec)
+    return max(0.0, work - head)
 
 
 def checkpointed_blocks(depth: int, ac: str, every: int = 2) -> int:
@@ -132,8 +146,10 @@ def pkt_groups(rows: float, num_targets: int, tgt: float, grouping: str, chunk_s
 
 
 def loss_bytes(rows: float, dim: int, groups: float, group_size: float, loss: str,
-               prec: Precision) -> tuple[float, float]:
-    """(kept for backward, transient) of the fused gather + LayerNorm + L2 + PKT loss, all fp32."""
+               prec: Precision) -> tuple[float, float, float]:
+    """(kept for backward, forward transient, backward transient) of the fused gather + LayerNorm +
+    L2 + PKT loss, all fp32. Backward: the gradients of the KL's C x C matrices, and of the unit
+    rows, the fp32 rows and the L2 term's rows at once."""
     with_l2, with_pkt = loss != "PKT", loss != "L2"
     row_bytes = rows * dim * FP32
     padded = groups * group_size * dim * FP32
@@ -141,10 +157,10 @@ def loss_bytes(rows: float, dim: int, groups: float, group_size: float, loss: st
     saved = (row_bytes if with_l2 else 0.0)  # LayerNorm-ed target rows, kept by smooth L1
     saved += row_bytes if prec.compute != FP32 else 0.0  # fp32 copy of the bf16 predictions
     if not with_pkt:
-        return saved, row_bytes  # transient: the gathered raw target rows
+        return saved, row_bytes, 2 * row_bytes  # the gathered raw target rows; the rows' gradients
     saved += padded + 2 * square  # unit prediction rows (padded to the groups); log input, target distribution
     transient = padded + 3 * square + (0.0 if with_l2 else row_bytes)  # unit target rows; KL temporaries
-    return saved, transient
+    return saved, transient, 2 * padded + row_bytes + 3 * square
 
 
 # ---------------------------------------------------------------- one micro-step
@@ -155,14 +171,18 @@ class Activations:
     """Bytes of one micro-step's activations, by part."""
 
     inputs: float  # the fp32 image batch on the device
-    target_output: float  # h, the target encoder's output
+    target_output: float  # h, the target encoder's output (released when the forward returns)
     encoder: float  # context encoder: blocks, the patch embedding's input cast, encoder_head
     encoder_head: float  # the final norm's input and output (released before the blocks' backward)
     predictor: float  # predictor: blocks, predictor_head
     predictor_head: float  # last block output (kept by the norm), projection input, predictions
+    predictions: float  # the predictor's output (part of predictor_head; kept by nothing once the loss has it)
     loss: float  # kept by the loss for backward
     loss_transient: float
+    loss_backward: float  # the loss's backward temporaries
     target_work: float  # the no-grad target forward's live set (one block over all tokens)
+    encoder_forward: float  # how far the encoder's forward rises above what it keeps (forward_extra)
+    predictor_forward: float  # the same for the predictor
     encoder_backward: float  # the first encoder block's backward (+ its recomputation under AC)
     predictor_backward: float  # the same for the predictor
 
@@ -170,9 +190,17 @@ class Activations:
     def kept(self) -> float:
         return self.inputs + self.target_output + self.encoder + self.predictor + self.loss
 
+    @property
+    def at_backward(self) -> float:
+        """What backward starts from: the step's forward has returned the loss, and the target's
+        output and the predictions, referenced by nothing that autograd keeps, are gone."""
+        return self.kept - self.target_output - self.predictions
+
 
 def activation_bytes(shape: ModelShape, batch: int, tokens: Tokens, prec: Precision, ac: str = "none",
-                     ac_every: int = 2, attn: str = "sdpa", loss: LossSpec = LossSpec()) -> Activations:
+                     ac_every: int = 2, attn: str = "sdpa", loss: LossSpec = LossSpec(),
+                     device: str = "cuda") -> Activations:
+    """`device` "cpu": the CPU's autocast keeps LayerNorm in bf16, so the target's output is bf16."""
     enc, pred = shape.encoder, shape.predictor
     c, r = prec.compute, prec.residual
     d, dp = enc.width, pred.width
@@ -183,19 +211,23 @@ def activation_bytes(shape: ModelShape, batch: int, tokens: Tokens, prec: Precis
     encoder = (tower_bytes(batch, ctx, enc, prec, ac, ac_every, attn)
                + (batch * 3 * pixels * c if c != FP32 else 0.0)  # the conv keeps its bf16-cast input
                + encoder_head)
+    predictions = seqs * tgt * d * c
     predictor_head = (seqs * (ctx + tgt) * dp * r  # last block output: predictor_norm keeps a view of it
                       + seqs * tgt * dp * c  # predictor_proj input
-                      + seqs * tgt * d * c)  # the predictions
+                      + predictions)
     predictor = tower_bytes(seqs, ctx + tgt, pred, prec, ac, ac_every, attn) + predictor_head
     rows = seqs * tgt
     groups, size = pkt_groups(rows, m, tgt, loss.grouping, loss.chunk_size)
-    loss_saved, loss_transient = loss_bytes(rows, d, groups, size, loss.name, prec)
+    loss_saved, loss_transient, loss_backward = loss_bytes(rows, d, groups, size, loss.name, prec)
+    target_width = FP32 if device == "cuda" else c  # CUDA's autocast runs the final LayerNorm in fp32
     return Activations(
         inputs=batch * 3 * pixels * FP32,
-        target_output=batch * shape.num_patches * d * FP32,  # the final LayerNorm runs in fp32 under autocast
+        target_output=batch * shape.num_patches * d * target_width,
         encoder=encoder, encoder_head=encoder_head, predictor=predictor, predictor_head=predictor_head,
-        loss=loss_saved, loss_transient=loss_transient,
+        predictions=predictions, loss=loss_saved, loss_transient=loss_transient, loss_backward=loss_backward,
         target_work=block_forward_work_bytes(batch, shape.num_patches, enc, prec),
+        encoder_forward=forward_extra(batch, ctx, enc, prec, ac, ac_every, encoder_head),
+        predictor_forward=forward_extra(seqs, ctx + tgt, pred, prec, ac, ac_every, predictor_head),
         encoder_backward=backward_block_bytes(batch, ctx, enc, prec,
                                               last_block_checkpointed(enc.depth, ac, ac_every), attn),
         predictor_backward=backward_block_bytes(seqs, ctx + tgt, pred, prec,

@@ -97,11 +97,12 @@ class PlanContext:
     def per_gpu_batch(self) -> int:
         return self.global_batch // self.gpus
 
-    def memory(self, strategy: str, ac: str, micro_batch: int, shards: int) -> MemoryEstimate:
+    def memory(self, strategy: str, ac: str, micro_batch: int, shards: int, device: str = "cuda") -> MemoryEstimate:
+        """`device` "cpu" plans the CPU kernels (a trace on the CPU runs them), without the GPU's margin."""
         accum = max(1, self.per_gpu_batch // micro_batch)
         return estimate_memory(self.shape, micro_batch, self.tokens.worst(micro_batch), strategy,
                                shards=shards, accum=accum, ac=ac, ac_every=self.ac_every, bf16=self.bf16,
-                               attn=self.attn, loss=self.loss)
+                               attn=self.attn, loss=self.loss, device=device)
 
     def fits(self, strategy: str, ac: str, micro_batch: int, shards: int) -> bool:
         return self.memory(strategy, ac, micro_batch, shards).total <= self.gpu.memory

@@ -46,10 +46,20 @@ class ModelShape:
     num_patches: int
     image_size: tuple[int, int]
     patch_size: int
+    # Elements of the parameters whose first dimension is 1 (the positional tables, the mask
+    # token): FSDP shards dim 0 and pads it to one row per rank, so over S ranks each is
+    # gathered S times its size.
+    encoder_rows: int = 0
+    predictor_rows: int = 0
 
     @property
     def params(self) -> int:
         return self.encoder_params + self.predictor_params
+
+    def fsdp_padding(self, shards: int, encoder: bool = True, predictor: bool = True) -> int:
+        """Elements FSDP adds to a gather of the encoder's and/or predictor's roots over `shards`
+        ranks (the one-row parameters padded to `shards` rows)."""
+        return (shards - 1) * (encoder * self.encoder_rows + predictor * self.predictor_rows)
 
     @property
     def root_params(self) -> int:
@@ -91,7 +101,9 @@ def model_shape(model_name: str, patch_size: int, img_size: int, pred_depth: int
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         encoder_trainable=sum(p.numel() for p in encoder.parameters() if p.requires_grad),
         largest_param=max(p.numel() for p in params),
-        num_patches=encoder.num_patches, image_size=(height, width), patch_size=encoder.patch_size)
+        num_patches=encoder.num_patches, image_size=(height, width), patch_size=encoder.patch_size,
+        encoder_rows=sum(p.numel() for p in encoder.parameters() if p.shape[0] == 1),
+        predictor_rows=sum(p.numel() for p in predictor.parameters() if p.shape[0] == 1))
 
 
 # ---------------------------------------------------------------- tokens from the mask config

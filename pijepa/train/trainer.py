@@ -12,8 +12,6 @@ import torch
 from tqdm import tqdm
 
 from pijepa.config import Config, dump_config
-from pijepa.data.transforms import normalize_batch
-from pijepa.losses.registry import sum_terms
 from pijepa.masks.viz import mask_grid_from_batch
 from pijepa.runtime.errors import DataError, NonFiniteError
 from pijepa.runtime.log import console, warn
@@ -23,8 +21,6 @@ from pijepa.train.auto_batch import agree_on_batch, resolve_batch_size
 from pijepa.train.build import (
     accumulation_steps,
     build_dataset,
-    build_loss_fn,
-    build_models_for,
     build_strategy_for,
     build_train_loader,
     epoch_samples,
@@ -34,10 +30,9 @@ from pijepa.train.build import (
     restore_loader_state,
 )
 from pijepa.train.checkpoint import Checkpointer, rng_state
-from pijepa.train.diagnostics import collapse_stats, term_gradient_norms
 from pijepa.train.metrics import MetricsLogger
-from pijepa.train.schedules import build_schedules
 from pijepa.train.skips import SkipCounter
+from pijepa.train.step import TrainStep
 
 LOSS_PARTS = ("l2", "pkt")  # logged as loss_l2, loss_pkt; the other parts are diagnostics
 
@@ -65,14 +60,8 @@ class Trainer:
         self.total_steps = cfg.optimization.epochs * self.steps_per_epoch
         if cfg.optimization.max_steps:
             self.total_steps = min(self.total_steps, cfg.optimization.max_steps)
-        self.schedules = build_schedules(cfg.optimization, self.steps_per_epoch)
-
-        o = cfg.optimization
-        self.models = self.strategy.setup(build_models_for(cfg, self.strategy), self.accum, o.clip_grad,
-                                          {"lr": o.start_lr, "weight_decay": o.weight_decay})
-        self.device = self.strategy.device
-        self.loss_fn = build_loss_fn(cfg, self.device)
-        self.autocast = cfg.meta.use_bfloat16
+        self.stepper = TrainStep(cfg, self.strategy, self.accum, self.steps_per_epoch)
+        self.models, self.schedules, self.device = self.stepper.models, self.stepper.schedules, self.stepper.device
         self.checkpointer = Checkpointer(self.run_dir, self.strategy, cfg.logging.keep_checkpoints)
         self.last_checkpoint: Path | None = None
         self.skips, self.skipped_steps = SkipCounter(self.device), 0
@@ -115,48 +104,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
 
-    def forward_loss(self, images: torch.Tensor, masks_enc: torch.Tensor, masks_pred: torch.Tensor,
-                     diagnose: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The loss, its parts, and (when `diagnose`: log steps only) the diagnostics of
-        train/diagnostics.py: each term's gradient norm on the predictions, the target's spread."""
-        models = self.models
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            with torch.no_grad():
-                h = models.target_encoder(images)
-            z = models.predict(images, masks_enc, masks_pred)  # encoder, then predictor
-            terms, parts = self.loss_fn.terms(z, h, masks_pred)
-            diagnostics = self._diagnostics(z, h, masks_pred) if diagnose else {}
-        return sum_terms(terms), parts, diagnostics
-
-    def _diagnostics(self, z: torch.Tensor, h: torch.Tensor, masks_pred: torch.Tensor) -> dict[str, torch.Tensor]:
-        # On a detached copy of the predictions: an engine may hook its output's autograd (DeepSpeed
-        # runs its gradient reduction from there), which a side gradient must not trigger.
-        z_copy = z.detach().requires_grad_()
-        terms, _ = self.loss_fn.terms(z_copy, h, masks_pred)
-        return {**term_gradient_norms(terms, z_copy), **collapse_stats(h)}
-
     def train_step(self, batches: list) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """One optimizer step over `accum` micro-batches and the EMA update; returns the detached
-        loss, its parts (with the diagnostics of the last micro-batch on log steps), the gradient
-        norm and whether the step was applied (not skipped as non-finite), all on the device."""
-        step, s = self.step, self.schedules
-        total = torch.zeros((), device=self.device)
-        parts_sum: dict[str, torch.Tensor] = {}
-        for i, (images, _labels, masks_enc, masks_pred) in enumerate(batches):
-            images = normalize_batch(images.to(self.device, non_blocking=True))  # uint8 crops until here
-            masks_enc = masks_enc.to(self.device, non_blocking=True)
-            masks_pred = masks_pred.to(self.device, non_blocking=True)
-            last = i == len(batches) - 1
-            with self.strategy.micro_step(is_last=last):
-                loss, parts, diagnostics = self.forward_loss(images, masks_enc, masks_pred,
-                                                             diagnose=last and self._is_log_step(step + 1))
-                self.strategy.backward(loss)
-            total += loss.detach() / len(batches)
-            for name, value in parts.items():
-                parts_sum[name] = parts_sum.get(name, 0) + value.detach().float() / len(batches)
-        grad_norm, applied = self.strategy.optimizer_step(s.lr_for_step(step), s.wd_for_step(step))
-        self.strategy.ema_update(s.momentum_for_step(step))  # skipped steps too, as the reference
-        return total, {**parts_sum, **diagnostics}, grad_norm, applied
+        """One optimizer step (train/step.py), with the diagnostics on log steps."""
+        return self.stepper.run(self.step, batches, diagnose=self._is_log_step(self.step + 1))
 
     def _is_log_step(self, done: int) -> bool:
         return done % self.cfg.logging.log_freq == 0 or done == self.total_steps

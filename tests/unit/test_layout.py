@@ -22,7 +22,7 @@ LAYERS = (
     ("config",),
     ("plan",),  # below train: the trainer asks it for the micro-batch (data.batch_size: auto)
     ("train",),
-    ("eval", "bench"),
+    ("eval", "bench", "rehearsal"),
     ("commands",),
     ("cli", "__main__", "__init__"),
 )

@@ -159,7 +159,7 @@ def test_model_matches_h200_peaks_in_perf_md(batch: int) -> None:
     mem = M.estimate_memory(shape, batch, tokens, "single", bf16=True, device="cuda")
     # max_memory_allocated counts tensors only: compare without the CUDA / allocator margin.
     assert mem.tensors / H.GiB == pytest.approx(PERF_MD_H200_PEAK_GIB[batch], rel=0.10)
-    assert mem.peak_phase == "loss"
+    assert mem.peak_phase in ("loss", "loss backward")  # every activation kept, and the loss's temporaries
 
 
 # ----------------------------------------------------------------------------- measured CPU peaks
@@ -182,7 +182,7 @@ def _measure_worker(cases_json: str) -> None:
     `before` (inputs created, just before the step) and `peak` (VmHWM during the step).
     """
     from pijepa.losses import build_loss
-    from pijepa.parallel.base import ema_update_, param_groups
+    from pijepa.parallel.base import ema_update_, make_adamw, param_groups
     from pijepa.parallel.parallelize import apply_ac
     from pijepa.runtime.memory import peak_memory_mb, reset_peak_memory
 
@@ -197,7 +197,7 @@ def _measure_worker(cases_json: str) -> None:
         gc.collect()
         base = _rss_mib()
         models = tiny_jepa(case["model"], case["img"], case["patch"], case["pred_depth"], case["pred_dim"])
-        opt = torch.optim.AdamW(param_groups(models), lr=1e-4, weight_decay=0.04)
+        opt = make_adamw(param_groups(models), cpu, lr=1e-4, weight_decay=0.04)  # fused, as the trainer's
         online = dict(models.encoder.named_parameters())
         pairs = [(p, online[n]) for n, p in models.target_encoder.named_parameters() if online[n].requires_grad]
         for m in (models.encoder, models.predictor):
@@ -205,13 +205,16 @@ def _measure_worker(cases_json: str) -> None:
         loss_fn = build_loss("L2_PKT", chunk_size=256, fused=True)
         collator = MultiBlockMaskCollator(input_size=case["img"], patch_size=case["patch"], seed=0)
 
-        def step(images, masks_enc, masks_pred, models=models, opt=opt, pairs=pairs, loss_fn=loss_fn):
-            # bench_step.make_step's step: h stays alive through backward, as there.
+        def forward(images, masks_enc, masks_pred, models=models, loss_fn=loss_fn):
+            # As the trainer's step: the target's output and the predictions are released when
+            # the forward returns, before backward.
             with torch.no_grad():
                 h = models.target_encoder(images)
             z = models.predictor(models.encoder(images, masks_enc), masks_enc, masks_pred)
-            loss, _ = loss_fn(z, h, masks_pred)
-            loss.backward()
+            return loss_fn(z, h, masks_pred)[0]
+
+        def step(images, masks_enc, masks_pred, opt=opt, pairs=pairs, forward=forward):
+            forward(images, masks_enc, masks_pred).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             ema_update_([t for t, _ in pairs], [s for _, s in pairs], 0.996)
@@ -229,7 +232,7 @@ def _measure_worker(cases_json: str) -> None:
         peak = peak_memory_mb(cpu)
         out.append({**case, "base": base, "resident": resident, "before": before, "peak": peak, "reset_ok": reset_ok,
                     "ctx": masks_enc.shape[-1], "tgt": masks_pred.shape[-1]})
-        del models, opt, online, pairs, step, images
+        del models, opt, online, pairs, forward, step, images
     print(json.dumps(out[1:]))
 
 

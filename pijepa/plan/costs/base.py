@@ -5,8 +5,7 @@ the frozen positional tables excluded), P = all parameters of encoder + predicto
 parameters of the encoder (= the EMA target), S = ranks the state is sharded over (the world size,
 or the shard group of HSDP), N = world size. "bf16" is `meta.use_bfloat16`.
 
-- Optimizer step on CUDA: torch's foreach AdamW materialises sqrt(v) for the whole local shard (one
-  fp32 copy, 4Psi/S); on CPU the per-tensor loop needs about two temporaries of the largest tensor.
+- Optimizer step: pijepa's AdamW is fused (CUDA and CPU) and needs no temporaries (adam_temporaries).
 - Communication is per GPU per optimizer step, ring algorithms: an all-gather or reduce-scatter of
   X bytes moves X (N-1)/N per GPU, an all-reduce twice that.
 """
@@ -17,7 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pijepa.plan.precision import FP32, FULL_BF16, FULL_FP32, Precision
+from pijepa.plan.precision import FULL_BF16, FULL_FP32, Precision
 from pijepa.plan.shapes import ModelShape
 
 
@@ -35,6 +34,27 @@ class State:
     weights_target: float  # weight copies alive during the target's forward
     backward_buffers: float  # communication buffers of the backward
     step_transient: float  # optimizer temporaries and step buffers
+    # The same two in the predictor's backward, where a per-block engine (FSDP) holds predictor
+    # blocks, not encoder blocks, and the weights alive around the loss, where it may hold no
+    # block at all; None: as in the encoder's backward.
+    weights_predictor_backward: float | None = None
+    buffers_predictor_backward: float | None = None
+    weights_loss: float | None = None
+    weights_encoder_backward: float | None = None
+
+    def around_loss(self) -> float:
+        """Weights alive during the loss and its backward."""
+        return self.weights_forward if self.weights_loss is None else self.weights_loss
+
+    def in_encoder_backward(self) -> float:
+        """Weights alive in the encoder's backward."""
+        return self.weights_forward if self.weights_encoder_backward is None else self.weights_encoder_backward
+
+    def in_predictor_backward(self) -> tuple[float, float]:
+        """(weights, communication buffers) alive in the predictor's backward."""
+        weights, buffers = self.weights_predictor_backward, self.buffers_predictor_backward
+        return (self.weights_forward if weights is None else weights,
+                self.backward_buffers if buffers is None else buffers)
 
 
 @dataclass(frozen=True)
@@ -59,8 +79,11 @@ def ring(size: float, ranks: int) -> float:
 
 
 def adam_temporaries(shape: ModelShape, local_params: float, device: str) -> float:
-    """AdamW's step temporaries: foreach on CUDA (sqrt(v) of the local shard), per tensor on CPU."""
-    return local_params * FP32 if device == "cuda" else 2 * shape.largest_param * FP32
+    """AdamW's step temporaries: none. pijepa's AdamW is fused on CUDA and on the CPU
+    (parallel.base.make_adamw): one kernel updates every element in place, where the foreach
+    version would materialise sqrt(v) for the whole local shard. The trace of the step
+    (pijepa.rehearsal) shows no optimizer temporaries."""
+    return 0.0
 
 
 class CostModel(ABC):

@@ -59,26 +59,33 @@ class FsdpCost(CostModel):
     def state(self, shape: ModelShape, shards: int, accum: int, bf16: bool, device: str = "cuda") -> State:
         psi, p_all, pe, s = shape.trainable_params, shape.params, shape.encoder_params, shards
         pred_trainable = psi - shape.encoder_trainable
-        block = max(shape.encoder.block_params, shape.predictor.block_params)
+        enc_block, pred_block = shape.encoder.block_params, shape.predictor.block_params
         w = self.precision(bf16).weights
         accumulating = accum > 1
-        root = shape.root_params * w  # root units stay gathered from forward to backward
-        if accumulating:
-            forward = p_all * w  # gathered from the first forward to the last backward
-        elif self.reshards_after_forward:
-            forward = 2 * block * w + root  # the running block and the prefetched next one
-        else:
-            forward = p_all * w  # every block stays gathered until its backward
+        root = (shape.root_params + shape.fsdp_padding(s)) * w  # root units stay gathered from forward to backward
+        keeps_all = accumulating or not self.reshards_after_forward
+        # Gathered from the first forward to the last backward (accumulation), or every block until
+        # its backward (grad_op); else the running block and the prefetched next one.
+        forward = p_all * w if keeps_all else 2 * enc_block * w + root
+        in_predictor = p_all * w if keeps_all else 2 * pred_block * w + root
+        # the encoder's backward starts once the predictor's blocks are resharded
+        in_encoder = (p_all - shape.predictor.depth * pred_block) * w if keeps_all else forward
+        # the target runs first; with accumulation, the next micro-steps run it beside the gathered model
+        target = 2 * enc_block * w + (p_all * w if accumulating else 0.0)
         # Without sync, FSDP2 keeps unsharded gradients upcast to the fp32 reduce dtype.
         unsharded = psi * FP32 if accumulating else 0.0
         return State(
             params=p_all * FP32 / s, optimizer=2 * psi * FP32 / s, ema=pe * FP32 / s,
             grads_forward=unsharded, grads_step=psi * FP32 / s,
             grads_partial=unsharded if accumulating else pred_trainable * FP32 / s,
-            weights_forward=forward, weights_target=2 * shape.encoder.block_params * w,
-            # A block's backward: its unsharded bf16 gradient and the fp32 reduce-scatter input.
-            backward_buffers=block * (w + FP32),
-            step_transient=adam_temporaries(shape, psi / s, device))
+            weights_forward=forward, weights_target=target,
+            # A block's backward: the fp32 reduce-scatter input (its unsharded bf16 gradient is
+            # freed once copied into it).
+            backward_buffers=enc_block * FP32,
+            step_transient=adam_temporaries(shape, psi / s, device),
+            # the peak of the predictor's backward is its first block: no reduce-scatter is in flight yet
+            weights_predictor_backward=in_predictor, buffers_predictor_backward=0.0,
+            weights_loss=p_all * w if keeps_all else root, weights_encoder_backward=in_encoder)
 
     def communication(self, shape: ModelShape, world: int, shards: int, accum: int, bf16: bool) -> Communication:
         psi, p_all, pe, s = shape.trainable_params, shape.params, shape.encoder_params, shards
@@ -86,10 +93,13 @@ class FsdpCost(CostModel):
         # Each micro-step gathers the target for its forward. Without accumulation encoder +
         # predictor are gathered for forward and, under `full`, again in backward; with it, once
         # per optimizer step (kept gathered across micro-steps). The fp32 reduce-scatter runs once.
+        # A one-row parameter is gathered padded to a row per rank (ModelShape.fsdp_padding); the
+        # roots stay gathered for backward, so only the blocks are gathered again there.
+        trained, target = p_all + shape.fsdp_padding(s), accum * (pe + shape.fsdp_padding(s, predictor=False))
         if accum > 1:
-            gathers = p_all + accum * pe
+            gathers = trained + target
         else:
-            gathers = p_all + pe + (p_all if self.reshards_after_forward else 0)
+            gathers = trained + target + (p_all - shape.root_params if self.reshards_after_forward else 0)
         replicas = world // s
         across = 2 * ring(psi * FP32 / s, replicas) if replicas > 1 else 0.0  # HSDP: all-reduce of shards
         return Communication(ring(gathers * w, s), ring(psi * FP32, s), across)
