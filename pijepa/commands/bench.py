@@ -1,5 +1,6 @@
-"""`pijepa bench step | loss | masks | data | trainer`: benchmarks that report ratios to a baseline measured
-in the same run (the measuring code is pijepa.bench)."""
+"""`pijepa bench step | loss | masks | data | trainer | collectives`: benchmarks that report ratios to a
+baseline measured in the same run, and the collectives of a real run beside the planner's model
+(the measuring code is pijepa.bench)."""
 
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def add_bench_data_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    bench = commands.add_parser("bench", help="benchmarks: step, loss, masks, data, trainer (ratios to a baseline)")
+    bench = commands.add_parser("bench", help="benchmarks: step, loss, masks, data, trainer (ratios to a baseline), "
+                                "collectives (beside the plan)")
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
     add_step_loss_masks(sub)
     trainer = sub.add_parser("trainer", help="the real trainer vs `bench step` vs the original design's step, "
@@ -117,3 +119,18 @@ def register(commands: argparse._SubParsersAction) -> None:
                           "decode + augment floor, for 1 and 2 workers")
     add_bench_data_arguments(data)
     data.set_defaults(run=run_bench_data, command_name="bench data")
+    collectives = sub.add_parser("collectives", help="collectives per optimizer step of the configured run on the "
+                                 "ranks of this launch (torchrun, deepspeed), beside the planner's model")
+    add_config_arguments(collectives)
+    collectives.add_argument("--steps", type=positive_int, default=3, help="optimizer steps to count (default 3)")
+    collectives.add_argument("--out", help="also write the results as JSON (rank 0)")
+    collectives.set_defaults(run=_run_collectives, command_name="bench collectives")
+
+
+def _run_collectives(args) -> None:
+    from pijepa.bench.collectives import bench_collectives, format_collectives
+    from pijepa.config import load_config
+
+    r = bench_collectives(load_config(args.config, args.overrides), args.steps)
+    if r is not None:
+        _emit(r, args.out, format_collectives(r))

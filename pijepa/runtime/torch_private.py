@@ -129,6 +129,8 @@ def _describe(func: Any, args: tuple, kwargs: dict) -> tuple[str, int, int] | No
         return None
     schema = func._schema.arguments
     bound = {a.name: (args[i] if i < len(args) else kwargs.get(a.name)) for i, a in enumerate(schema)}
+    if not {"process_group", "group_name", "group_size"} & set(bound):
+        return None  # not a collective (a work handle's or a tensor's bookkeeping)
     kind = _kind(func.__name__)
     if namespace == "c10d":
         names = _SIZED_ARGUMENT.get(kind, ("tensors", "tensor", "input_tensors", "output_tensors"))

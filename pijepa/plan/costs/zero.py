@@ -8,9 +8,16 @@ the rows of the state table are in pijepa/plan/costs/__init__.py.
   packaged ds_configs/zero{1,2,3}_{bf16,fp32}.json (DeepSpeed's defaults where a key is absent):
   ZeRO-2/3 pass each micro-step's bf16 gradients through the reduce bucket (two with
   overlap_comm); ZeRO-1 all-reduces its fp32 buffer in buckets of that size at the step; ZeRO-1/2
-  all-gather the updated bf16 weights through the all-gather bucket; ZeRO-3 holds two gathered
-  blocks plus the prefetch bucket. Buckets are capped at the model's size. The bf16 gradients that
-  autograd produces before they reach the fp32 buffers are not counted (they live per bucket).
+  all-gather the updated bf16 weights through the all-gather bucket. ZeRO-3 keeps what its forward
+  gathered until the backward when stage3_max_reuse_distance and stage3_max_live_parameters
+  allow (pijepa's JSONs: 1e9 elements, more than ViT-H/14 with its predictor): the whole model,
+  gathered once per micro-step; otherwise two gathered blocks plus the prefetch bucket, gathered
+  again for backward. Buckets are capped at the model's size. The bf16 gradients that autograd
+  produces before they reach the fp32 buffers are not counted (they live per bucket).
+- Collectives, as `pijepa bench collectives` counts them on real ranks (docs/scale_rehearsal.md):
+  ZeRO-2 reduces each gradient bucket with one all-reduce, every rank keeping its partition
+  (DeepSpeed's use_multi_rank_bucket_allreduce), so it moves twice a reduce-scatter's bytes;
+  ZeRO-3 reduce-scatters.
 - Gradients are reduced in `communication_data_type` (pijepa's default fp32, as FSDP; the JSON
   may say bf16): with bf16 weights and fp32 reduction, ZeRO-2/3 cast the bucket being reduced to
   fp32 (one more bucket, in fp32) and move 4 bytes per gradient element.
@@ -50,6 +57,13 @@ class DSSettings:
     prefetch_bucket: float = 5e7
     overlap_comm: bool = False
     fp32_reduction: bool = True  # communication_data_type fp32 (pijepa's default) or bf16
+    # ZeRO-2 reduces a bucket of gradients with one all-reduce, each rank keeping its partition
+    # (DeepSpeed's use_multi_rank_bucket_allreduce, on by default), else with a reduce per owner.
+    bucket_allreduce: bool = True
+    # ZeRO-3 keeps a gathered parameter until backward when it is reused within this many elements
+    # and no more than this many are gathered at once (stage3_max_reuse_distance, _live_parameters).
+    max_reuse_distance: float = 1e9
+    max_live_parameters: float = 1e9
 
     @classmethod
     def from_json(cls, path: Path) -> DSSettings:
@@ -60,7 +74,15 @@ class DSSettings:
                    float(zero.get("allgather_bucket_size", cls.allgather_bucket)),
                    float(zero.get("stage3_prefetch_bucket_size", cls.prefetch_bucket)),
                    bool(zero.get("overlap_comm", stage == 3)),  # DeepSpeed turns it on for stage 3
-                   str(raw.get("communication_data_type", "fp32")).lower() != "bf16")
+                   str(raw.get("communication_data_type", "fp32")).lower() != "bf16",
+                   bool(zero.get("use_multi_rank_bucket_allreduce", cls.bucket_allreduce)),
+                   float(zero.get("stage3_max_reuse_distance", cls.max_reuse_distance)),
+                   float(zero.get("stage3_max_live_parameters", cls.max_live_parameters)))
+
+    def keeps_gathered(self, params: float) -> bool:
+        """Whether ZeRO-3 keeps a model of `params` elements gathered from its forward to its
+        backward (gathering it once per micro-step, not twice)."""
+        return params <= min(self.max_reuse_distance, self.max_live_parameters)
 
     @classmethod
     def for_stage(cls, stage: int, bf16: bool) -> DSSettings:
@@ -132,10 +154,13 @@ class ZeroCost(CostModel):
         """(weights alive from forward through backward, weights alive in the target's forward)."""
         if self.stage < 3:
             return 0.0, (shape.encoder.block_params * BF16 if bf16 else 0.0)  # autocast's per-op casts
-        # Layer by layer gathers: the running and the next block plus the prefetch bucket; the EMA
-        # target is a second ZeRO-3 engine (fp32, partitioned): its forward gathers in fp32.
+        # The whole model stays gathered from forward to backward when DeepSpeed's reuse limits
+        # allow it (DSSettings.keeps_gathered), else the running and the next block plus the
+        # prefetch bucket; the EMA target is a second ZeRO-3 engine (fp32, partitioned): its
+        # forward gathers in fp32.
         block = max(shape.encoder.block_params, shape.predictor.block_params)
-        forward = 2 * block * w + min(ds.prefetch_bucket, shape.params) * w
+        forward = (shape.params * w if ds.keeps_gathered(shape.params)
+                   else 2 * block * w + min(ds.prefetch_bucket, shape.params) * w)
         target = 2 * shape.encoder.block_params * FP32 + min(ds.prefetch_bucket, shape.encoder_params) * FP32
         return forward, target
 
@@ -150,13 +175,20 @@ class ZeroCost(CostModel):
             # all-reduced by DeepSpeed's BF16_Optimizer, reduce-scattered by the ZeRO optimizer (fp32).
             grads = (0.0, 2 * ring(psi * g, world)) if bf16 else (ring(psi * FP32, world), 0.0)
             return Communication(ring(p_all * w, world), grads[0], grads[1] + ema)
-        # From stage 2 every micro-step's gradients are reduce-scattered into the partitions.
+        # From stage 2 every micro-step's gradients are reduced into the partitions: ZeRO-2 all-reduces
+        # each bucket (DSSettings.bucket_allreduce; counted by `pijepa bench collectives`), ZeRO-3
+        # reduce-scatters it.
         reduce = accum * ring(psi * g, world)
+        settings = self.settings(bf16)
         if self.stage == 2:
-            return Communication(ring(p_all * w, world), reduce, ema)  # + updated parameters after the step
-        # Stage 3: encoder + predictor gathered for forward and again for backward, the fp32 target
-        # engine gathered for its forward, every micro-step; the EMA works on partitions (no traffic).
-        return Communication(accum * (2 * ring(p_all * w, world) + ring(pe * FP32, world)), reduce, 0.0)
+            grads = (0.0, 2 * reduce) if settings.bucket_allreduce else (reduce, 0.0)
+            # + the updated parameters gathered after the step
+            return Communication(ring(p_all * w, world), grads[0], grads[1] + ema)
+        # Stage 3: encoder + predictor gathered for forward and, unless kept, again for backward,
+        # the fp32 target engine gathered for its forward, every micro-step; the EMA works on
+        # partitions (no traffic).
+        gathers = 1 if settings.keeps_gathered(p_all) else 2
+        return Communication(accum * (gathers * ring(p_all * w, world) + ring(pe * FP32, world)), reduce, 0.0)
 
 
 def json_stage(deepspeed_config: str) -> int:
