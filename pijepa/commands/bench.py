@@ -1,6 +1,6 @@
-"""`pijepa bench step | loss | masks | data | trainer | collectives`: benchmarks that report ratios to a
-baseline measured in the same run, and the collectives of a real run beside the planner's model
-(the measuring code is pijepa.bench)."""
+"""`pijepa bench step | loss | masks | data | trainer | collectives | rehearsal`: benchmarks that report
+ratios to a baseline measured in the same run, and the planner held to real collectives and to
+traces of the recipes (the measuring code is pijepa.bench)."""
 
 from __future__ import annotations
 
@@ -125,6 +125,28 @@ def register(commands: argparse._SubParsersAction) -> None:
     collectives.add_argument("--steps", type=positive_int, default=3, help="optimizer steps to count (default 3)")
     collectives.add_argument("--out", help="also write the results as JSON (rank 0)")
     collectives.set_defaults(run=_run_collectives, command_name="bench collectives")
+    rehearsal = sub.add_parser("rehearsal", help="`pijepa plan --trace` for every packaged recipe at 16 ranks x "
+                               "FSDP full/grad_op/hybrid x AC none/full/selective, at 32 and 64 ranks, and with "
+                               "accumulation: traced vs planned memory and collectives")
+    rehearsal.add_argument("--recipes", default=None, help="comma list of packaged recipes (default: all four)")
+    rehearsal.add_argument("--as-written", action="store_true",
+                           help="only each recipe as written at 16, 32 and 64 ranks (the README's table)")
+    rehearsal.add_argument("--out", help="also write the rows as JSON, one case at a time")
+    rehearsal.set_defaults(run=_run_rehearsal, command_name="bench rehearsal")
+
+
+def _run_rehearsal(args) -> None:
+    from pijepa.bench.rehearsal import RECIPES, cases, markdown, run_case
+
+    rows = []
+    recipes = tuple(args.recipes.split(",")) if args.recipes else RECIPES
+    for case in cases(recipes, matrix=not args.as_written):
+        rows.append(run_case(case))
+        print(f"{case.label}: traced {rows[-1]['traced_gib']:.2f} GiB, planned {rows[-1]['planned_gib']:.2f} GiB "
+              f"({rows[-1]['seconds']:.0f} s)", flush=True)
+        if args.out:
+            atomic_write_json(args.out, {"rows": rows})
+    print(markdown(rows))
 
 
 def _run_collectives(args) -> None:

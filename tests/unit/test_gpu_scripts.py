@@ -1,4 +1,4 @@
-"""launchers/gpu_trainer_check.py without a GPU: its report helpers on made-up inputs, and its CPU
+"""benchmarks/gpu/gpu_trainer_check.py without a GPU: its report helpers on made-up inputs, and its CPU
 smoke mode end to end (the same steps, children and parsing as on the GPU, at toy sizes), so the
 script a GPU session runs as one prepared command is known to work before that session has one.
 No test needs a GPU, DeepSpeed or xformers."""
@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO
 
-sys.path.insert(0, str(REPO / "launchers"))  # the scripts import their siblings by module name
+sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))  # the scripts import their siblings by module name
 import gpu_trainer_report as report  # noqa: E402
 
 
@@ -48,12 +48,14 @@ def test_cpu_smoke_runs_every_kind_of_step_and_writes_both_reports(tmp_path):
     out = tmp_path / "out"
     # One trainer run under torchrun, the planner, `bench step` and the webdataset pipeline: every
     # kind of step; the compiled and DeepSpeed runs add minutes here and are covered elsewhere.
-    r = subprocess.run([sys.executable, "launchers/gpu_trainer_check.py", "--out", str(out), "--cpu-smoke",
-                        "--only", "fsdp,bench,wds", "--budget-s", "400"], cwd=REPO, capture_output=True,
+    r = subprocess.run([sys.executable, "benchmarks/gpu/gpu_trainer_check.py", "--out", str(out), "--cpu-smoke",
+                        "--only", "fsdp,trace,bench,wds", "--budget-s", "400"], cwd=REPO, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     results = json.loads((out / "gpu_trainer_check.json").read_text())
-    assert [results["steps"][s]["status"] for s in ("env", "plan", "fsdp", "bench", "wds")] == ["ok"] * 5
+    assert [results["steps"][s]["status"] for s in ("env", "plan", "fsdp", "trace", "bench", "wds")] == ["ok"] * 6
+    trace = results["steps"]["trace"]
+    assert trace["device"] == "cpu" and trace["traced_gib"] / trace["planned_gib"] == pytest.approx(1.0, abs=0.05)
     fsdp = results["steps"]["fsdp"]
     assert len(fsdp["windows"]) == 3 and fsdp["images_per_s"] > 0
     assert results["plan"]["fsdp"]["tensors_gib"] > 0 and results["plan"]["fsdp"]["model_tflops_per_step"] > 0
@@ -62,4 +64,5 @@ def test_cpu_smoke_runs_every_kind_of_step_and_writes_both_reports(tmp_path):
     assert row["mfu"] > 0 and row["vs_bench"] > 0 and row["plan_ratio"] > 0
     md = (out / "gpu_trainer_check.md").read_text()
     assert "| FSDP2, bf16 |" in md and "`bench step` sdpa+fused" in md and "Loader (webdataset" in md
+    assert "Trace (`pijepa plan --trace`" in md
     assert (out / "gpu_trainer_logs.txt").stat().st_size > 0

@@ -93,3 +93,16 @@ def test_vith14_recipe_traced_on_16_ranks() -> None:
     for kind in ("all_gather", "reduce_scatter"):
         assert out["collectives"][kind]["moved_bytes"]["ratio"] == pytest.approx(1.0, abs=0.05)
     assert out["fits"]
+
+
+def test_auto_batch_and_loss_path_are_chosen_as_on_the_gpus() -> None:
+    """`data.batch_size: auto` takes the GPU's whole memory as the budget, as `pijepa plan` does for
+    the configured row; `fused_loss: auto` takes CUDA's choice whatever device traces."""
+    from pijepa.plan.planner import make_plan
+    from pijepa.rehearsal.trace import planned_for
+
+    cfg = load_config("in22k_vith14_ep66", ["data.batch_size=auto"])
+    chosen = planned_for(cfg, GPUS["a100-40gb"], 8)  # 256 images per GPU: not all at once in 40 GB
+    assert chosen.data.micro_batch == make_plan(cfg, "a100-40gb", 8)["configured"]["micro_batch"] < 256
+    tiny = load_config(REPO / "configs/cpu_default.yaml", TINY_FSDP)
+    assert tiny.optimization.fused_loss == "auto" and planned_for(tiny, GPUS["a100-80gb"], 4).optimization.fused_loss

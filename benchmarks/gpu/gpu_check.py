@@ -2,7 +2,7 @@
 
 Run on a machine with one CUDA GPU (no DeepSpeed/WebDataset needed):
 
-    PYTHONPATH=. python3 launchers/gpu_check.py --out docs/gpu_check.json
+    PYTHONPATH=. python3 benchmarks/gpu/gpu_check.py --out docs/gpu_check.json
 
 Checks (each prints PASS/FAIL with the relative error ||out - ref|| / ||ref||):
   - attention: sdpa (every SDPA kernel the GPU runs) and xformers (when installed) vs math, fp32 and bf16
@@ -12,7 +12,7 @@ Timings: the fused vs plain loss at the ViT-H/14 recipe's per-GPU shapes, and fu
 steps in bf16 at several batch sizes with MFU against a bf16 matmul measured on the same GPU.
 
 This times the bare step only; the trainer itself (torchrun, the Strategy, FSDP2 / DeepSpeed, the
-loader) against the planner and these timings is launchers/gpu_trainer_check.py (docs/perf.md,
+loader) against the planner and these timings is benchmarks/gpu/gpu_trainer_check.py (docs/perf.md,
 "How to run on a GPU").
 """
 

@@ -1,9 +1,9 @@
 """GPU trainer check: the real trainer (`pijepa train` under torchrun) on one GPU, next to the planner
-and the benchmarks, as one time-boxed script. Issue 17 item 5; launchers/gpu_check.py checks the
+and the benchmarks, as one time-boxed script. benchmarks/gpu/gpu_check.py checks the
 CUDA kernels and times the bare step, this runs what surrounds it.
 
-    PYTHONPATH=. python3 launchers/gpu_trainer_check.py --out DIR [--budget-s 330]
-    PYTHONPATH=. python3 launchers/gpu_trainer_check.py --out DIR --cpu-smoke   # plumbing, on CPU
+    PYTHONPATH=. python3 benchmarks/gpu/gpu_trainer_check.py --out DIR [--budget-s 330]
+    PYTHONPATH=. python3 benchmarks/gpu/gpu_trainer_check.py --out DIR --cpu-smoke   # plumbing, on CPU
 
 Steps, in order of priority (each time-boxed; a failure or timeout is recorded and the next step
 runs; what the budget cannot fit is recorded as skipped, to rerun with --only):
@@ -11,6 +11,7 @@ runs; what the budget cannot fit is recorded as skipped, to rerun with --only):
                 xformers vs a math reference when it imports
   plan          `pijepa plan --json --gpus 1` for each trainer setting below (memory, FLOPs)
   fsdp          torchrun, 1 process, FSDP2 over NCCL, bf16, ViT-H/14 micro-batch 128, synthetic data
+  trace         `pijepa plan --trace` of the fsdp run: its step on fake CUDA tensors, beside its peak
   bench         `pijepa bench step` at the same shapes (sdpa+fused, + xformers+fused when it imports)
   fsdp_ac       as fsdp with dist.activation_checkpointing=full
   fsdp_compile  as fsdp with dist.compile=true (per block)
@@ -21,7 +22,8 @@ runs; what the budget cannot fit is recorded as skipped, to rerun with --only):
 Writes OUT/gpu_trainer_check.json, OUT/gpu_trainer_check.md (a section for docs/perf.md),
 OUT/gpu_trainer_check.log (this script's output) and OUT/gpu_trainer_logs.txt (the end of every
 child's log), after every step, so a run cut short still returns what it measured.
-How to run it on the lent GPU machine (wheels, the exact command): docs/perf.md, "How to run on a GPU".
+How to run it on a machine with one CUDA GPU and no network (the wheels to install, the exact
+command): docs/perf.md, "How to run on a GPU".
 """
 
 from __future__ import annotations
@@ -41,15 +43,16 @@ from pathlib import Path
 import gpu_trainer_report as report
 from gpu_trainer_modes import MODES, TRAIN_RUNS, Mode
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROBE = str(Path(__file__).resolve().with_name("gpu_trainer_probe.py"))
 RESERVE_S = 5  # kept back from every step's time box for writing the results
 # name: (cap in seconds, least time left to start it); the order is the order of priority.
-STEPS = {"env": (120, 20), "plan": (120, 15), "fsdp": (200, 60), "bench": (150, 40), "fsdp_ac": (200, 60),
+STEPS = {"env": (120, 20), "plan": (120, 15), "fsdp": (200, 60), "trace": (150, 40), "bench": (150, 40),
+         "fsdp_ac": (200, 60),
          "fsdp_compile": (240, 90), "wds": (180, 40), "zero2": (200, 60), "zero3": (200, 60),
          "bench_compile": (240, 90)}
 # Every `pijepa` command needs webdataset (an install requirement: pijepa.config imports its module);
-# the GPU machine has none unless its wheel is carried (launchers/gpu_wheels.sh).
+# a GPU machine without network has none unless its wheel is installed (benchmarks/gpu/gpu_wheels.sh).
 NEEDS = {name: ("webdataset", *((run.needs,) if (run := TRAIN_RUNS.get(name)) and run.needs else ()))
          for name in STEPS if name != "env"}
 
@@ -168,6 +171,23 @@ def step_plan(check: Check, timeout: float) -> dict:
     return {"status": "failed" if failed else "ok", "gpu_entry": gpu, "settings": keys, "failed": failed}
 
 
+def step_trace(check: Check, timeout: float) -> dict:
+    """`pijepa plan --trace` of the fsdp run's setting on one rank: the real step on fake tensors
+    (CUDA's kernels on a GPU), beside the planner and the fsdp run's measured peak."""
+    gpu = report.plan_gpu(check.results.get("env", {}), check.mode.smoke)
+    sets = [*check.mode.sets, *check.mode.batch_sets(), *TRAIN_RUNS["fsdp"].sets]
+    cmd = [sys.executable, "-m", "pijepa", "plan", "--config", check.mode.config, *set_args(sets), "--gpus", "1",
+           "--gpu", gpu, "--global-batch", str(check.mode.batch), "--trace", "--json"]
+    child = run_child(check, "trace", cmd, timeout, split_stderr=True)
+    data = result_json(child.pop("stdout"))
+    if data is None:  # exit code 2 with a report is a run that does not fit, still a result
+        return {"status": "timeout" if child["timed_out"] else "failed", **child}
+    peak = data["memory_bytes"]["peak"]
+    return {"status": "ok", "wall_s": child["wall_s"], "device": data["device"], "fits": data["fits"],
+            "traced_gib": peak["traced"] / 2**30, "planned_gib": peak["planned"] / 2**30,
+            "peak_phase": data["peak_phase"]}
+
+
 def set_args(sets: list[str]) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
@@ -239,14 +259,14 @@ def run_step(check: Check, name: str) -> None:
     cap, least = STEPS[name]
     left = check.left()
     missing = [p for p in NEEDS.get(name, ()) if not report.importable(check.results, p)]
-    why = (f"{', '.join(missing)} does not import here (carry the wheels: docs/perf.md)" if missing
+    why = (f"{', '.join(missing)} does not import here (install the wheels: docs/perf.md)" if missing
            else f"budget: {left:.0f} s left, needs {least} s" if left < least else None)
     if why:
         check.results["steps"][name] = {"status": "skipped", "why": why}
         check.say(f"{name}: skipped, {why}")
         check.save()
         return
-    fns = {"env": step_env, "plan": step_plan, "wds": step_wds}
+    fns = {"env": step_env, "plan": step_plan, "trace": step_trace, "wds": step_wds}
     t0 = time.time()
     try:
         if name in fns:

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Soak test, run by hand: a long CPU run with 2 FSDP ranks (torchrun, gloo), periodic checkpoints,
 and a preemption (SIGTERM) + resume every few minutes, sampling every worker's memory (RSS), open
-files and threads. It reports, per resumed session, the growth between the first and the last
+files and threads. It reports, per resumed segment, the growth between the first and the last
 samples after warm-up, and fails (exit 1) when memory or open files keep growing.
 
-    .venv/bin/python launchers/soak.py --minutes 30 --restart-every 6 --out runs/soak
+    .venv/bin/python benchmarks/soak.py --minutes 30 --restart-every 6 --out runs/soak
 
-Writes OUT/samples.csv (time, session, pid, step, rss_mb, open_files, threads) and
+Writes OUT/samples.csv (time, segment, pid, step, rss_mb, open_files, threads) and
 OUT/summary.json; the run folder is OUT/run.
 """
 
@@ -32,10 +32,10 @@ SETS = ["dist.strategy=fsdp", "data.num_workers=1", "optimization.epochs=10000",
 # Memory settles after the first steps, the first saves and the allocator's arenas (~3 minutes of
 # a loaded 2-core machine); growth is measured after that.
 WARMUP_S = 180
-# Allowed growth within a session after warm-up. Measured on CPU: each rank's RSS moves in a band
+# Allowed growth within a segment after warm-up. Measured on CPU: each rank's RSS moves in a band
 # of ~110 MB around 2.0 GB (checkpoint copies, batches; the allocator gives it back later), so a
 # median-of-thirds difference below 128 MB is that band; a leak of even 1 MB per step over the
-# ~500 steps of a 15-minute session would exceed it.
+# ~500 steps of a 15-minute segment would exceed it.
 MAX_RSS_GROWTH_MB, MAX_FD_GROWTH = 128.0, 8
 
 
@@ -84,25 +84,25 @@ def growth(rows: list[dict], key: str) -> float:
 
 
 def summarise(samples_csv: Path) -> list[dict]:
-    """Per-session growth from a samples.csv (also of a soak that was interrupted)."""
+    """Per-segment growth from a samples.csv (also of a soak that was interrupted)."""
     with samples_csv.open() as f:
         rows = list(csv.DictReader(f))
-    sessions = []
-    for session in sorted({int(r["session"]) for r in rows}):
-        mine = [r for r in rows if int(r["session"]) == session]
+    segments = []
+    for segment in sorted({int(r["segment"]) for r in rows}):
+        mine = [r for r in rows if int(r["segment"]) == segment]
         start = float(mine[0]["time_s"])
         settled = [r for r in mine if float(r["time_s"]) - start > WARMUP_S]
-        sessions.append({"session": session, "first_step": int(mine[0]["step"]), "last_step": int(mine[-1]["step"]),
+        segments.append({"segment": segment, "first_step": int(mine[0]["step"]), "last_step": int(mine[-1]["step"]),
                          "rss_growth_mb": round(growth(settled, "rss_mb"), 1),
                          "open_files_growth": growth(settled, "open_files"),
                          "rss_mb_max": max(float(r["rss_mb"]) for r in mine),
                          "open_files_max": max(int(r["open_files"]) for r in mine)})
-    return sessions
+    return segments
 
 
-def verdict(sessions: list[dict]) -> bool:
+def verdict(segments: list[dict]) -> bool:
     return all(s["rss_growth_mb"] <= MAX_RSS_GROWTH_MB and s["open_files_growth"] <= MAX_FD_GROWTH
-               for s in sessions)
+               for s in segments)
 
 
 def main() -> int:
@@ -116,18 +116,18 @@ def main() -> int:
     ap.add_argument("--summarise", type=Path, help="only print the summary of an earlier samples.csv")
     args = ap.parse_args()
     if args.summarise:
-        sessions = summarise(args.summarise)
-        print(json.dumps(sessions, indent=1))
-        return 0 if verdict(sessions) else 1
+        segments = summarise(args.summarise)
+        print(json.dumps(segments, indent=1))
+        return 0 if verdict(segments) else 1
     args.out.mkdir(parents=True, exist_ok=True)
     run_dir, end = args.out / "run", time.monotonic() + args.minutes * 60
-    samples, sessions = [], []
+    samples, segments = [], []
     with (args.out / "samples.csv").open("w", newline="") as f, (args.out / "torchrun.log").open("a") as log:
-        out = csv.DictWriter(f, ["time_s", "session", "pid", "step", "rss_mb", "open_files", "threads"])
+        out = csv.DictWriter(f, ["time_s", "segment", "pid", "step", "rss_mb", "open_files", "threads"])
         out.writeheader()
-        t0, session = time.monotonic(), 0
+        t0, segment = time.monotonic(), 0
         while time.monotonic() < end:
-            proc, started = launch(run_dir, args.port + session % 5, args.extra, log), time.monotonic()
+            proc, started = launch(run_dir, args.port + segment % 5, args.extra, log), time.monotonic()
             stop_at = min(end, started + args.restart_every * 60)
             rows = []
             while time.monotonic() < stop_at and proc.poll() is None:
@@ -138,30 +138,30 @@ def main() -> int:
                         rss, fds, threads = sample(w)
                     except psutil.NoSuchProcess:
                         continue
-                    row = {"time_s": round(time.monotonic() - t0, 1), "session": session, "pid": w.pid,
+                    row = {"time_s": round(time.monotonic() - t0, 1), "segment": segment, "pid": w.pid,
                            "step": step, "rss_mb": round(rss, 1), "open_files": fds, "threads": threads}
                     out.writerow(row)
                     f.flush()
                     if time.monotonic() - started > WARMUP_S:
                         rows.append(row)
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # preemption: save, exit 75, resumed next session
+                proc.send_signal(signal.SIGTERM)  # preemption: save, exit 75, resumed next segment
             code = proc.wait(timeout=600)
-            sessions.append({"session": session, "exit_code": code, "last_step": logged_step(run_dir),
+            segments.append({"segment": segment, "exit_code": code, "last_step": logged_step(run_dir),
                              "rss_growth_mb": round(growth(rows, "rss_mb"), 1),
                              "open_files_growth": growth(rows, "open_files"),
                              "rss_mb_last": max((r["rss_mb"] for r in rows[-2:]), default=0),
                              "open_files_last": max((r["open_files"] for r in rows[-2:]), default=0)})
-            print(json.dumps(sessions[-1]), flush=True)
+            print(json.dumps(segments[-1]), flush=True)
             samples += rows
-            session += 1
-    exits = {s["session"]: s["exit_code"] for s in sessions}
-    sessions = [{**s, "exit_code": exits.get(s["session"])} for s in summarise(args.out / "samples.csv")]
-    ok = verdict(sessions)
-    summary = {"minutes": args.minutes, "sessions": sessions, "steps": logged_step(run_dir),
+            segment += 1
+    exits = {s["segment"]: s["exit_code"] for s in segments}
+    segments = [{**s, "exit_code": exits.get(s["segment"])} for s in summarise(args.out / "samples.csv")]
+    ok = verdict(segments)
+    summary = {"minutes": args.minutes, "segments": segments, "steps": logged_step(run_dir),
                "ok": ok, "limits": {"rss_growth_mb": MAX_RSS_GROWTH_MB, "open_files_growth": MAX_FD_GROWTH}}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in summary.items() if k != "sessions"}))
+    print(json.dumps({k: v for k, v in summary.items() if k != "segments"}))
     return 0 if ok else 1
 
 

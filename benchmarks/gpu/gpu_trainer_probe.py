@@ -1,9 +1,9 @@
-"""Child processes of launchers/gpu_trainer_check.py: each subcommand prints one line
+"""Child processes of benchmarks/gpu/gpu_trainer_check.py: each subcommand prints one line
 `RESULT_JSON: {...}` for the driver to read.
 
-    python launchers/gpu_trainer_probe.py env [--smoke]     environment facts, bf16 matmul peak,
+    python benchmarks/gpu/gpu_trainer_probe.py env [--smoke]     environment facts, bf16 matmul peak,
                                                             xformers vs math (when importable)
-    python launchers/gpu_trainer_probe.py jpegs OUT N SIZE WORKERS
+    python benchmarks/gpu/gpu_trainer_probe.py jpegs OUT N SIZE WORKERS
                                                             an ImageFolder tree of N synthetic JPEGs
 
 They run in their own processes so that the driver never initialises CUDA (its context would
@@ -60,7 +60,7 @@ def gpu_facts(torch) -> dict:
 
 def xformers_check(torch, device) -> dict:
     """xformers' memory-efficient attention against a float64 math reference, fp32 and bf16, as
-    launchers/gpu_check.py does for SDPA (tolerances 1e-3 and 2e-2)."""
+    benchmarks/gpu/gpu_check.py does for SDPA (tolerances 1e-3 and 2e-2)."""
     from pijepa.models.attention import attention, xformers_available
 
     if device.type != "cuda":

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Fetches, here, the wheels that launchers/gpu_trainer_check.py needs on the lent GPU machine
-# (it has torch 2.11 but no deepspeed, webdataset or xformers, and no network) into .whl/, which
-# git ignores and the device tool's `carry` takes along (about 9 MB):
+# Fetches, here, the wheels that benchmarks/gpu/gpu_trainer_check.py needs on a GPU machine without
+# network (one with torch 2.11 but no deepspeed, webdataset or xformers) into .whl/, which git
+# ignores; copy it there with the working tree (about 9 MB):
 #
-#   launchers/gpu_wheels.sh
+#   benchmarks/gpu/gpu_wheels.sh
 #
 # The GPU machine's Python is 3.12 on x86-64, whatever this machine runs: the platform flags ask
 # for its wheels. Versions are the ones this repo's .venv tests (deepspeed as pinned in setup.py);
 # xformers 0.0.35 asks for torch>=2.10. One version of each: two would stop the install there.
 # Usage on the GPU machine: docs/perf.md, "How to run on a GPU".
 set -euo pipefail
-source "$(dirname "$0")/_common.sh"
+source "$(dirname "$0")/../../launchers/_common.sh"
 cd "$REPO"
 PY="$(tool python)"
 rm -rf .whl

@@ -1,4 +1,4 @@
-"""The settings of launchers/gpu_trainer_check.py: the trainer runs, and the sizes of its two modes
+"""The settings of benchmarks/gpu/gpu_trainer_check.py: the trainer runs, and the sizes of its two modes
 (the real one on a GPU, the smoke run on CPU that only checks the plumbing)."""
 
 from __future__ import annotations

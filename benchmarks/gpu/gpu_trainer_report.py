@@ -1,4 +1,4 @@
-"""Reading and reporting for launchers/gpu_trainer_check.py: metrics.csv windows, the plan's JSON,
+"""Reading and reporting for benchmarks/gpu/gpu_trainer_check.py: metrics.csv windows, the plan's JSON,
 `pijepa bench data`'s lines, MFU against one ceiling, and the markdown section for docs/perf.md.
 Standard library only: the driver must not depend on what it checks."""
 
@@ -149,7 +149,7 @@ def _header(results: dict) -> list[str]:
     entry = results["steps"].get("plan", {}).get("gpu_entry", "—")
     return [f"### Trainer on one GPU ({device}, torch {env.get('torch', '?')}, CUDA {env.get('cuda')}, "
             f"{results['started'][:10]})", "",
-            f"Command: `PYTHONPATH=. python3 launchers/gpu_trainer_check.py {' '.join(results['argv'])}` "
+            f"Command: `PYTHONPATH=. python3 benchmarks/gpu/gpu_trainer_check.py {' '.join(results['argv'])}` "
             f"({results['mode']} mode, budget {results['budget_s']:.0f} s); {env.get('cpus', '?')} CPUs; "
             f"bf16 matmul ceiling {_f(peak, '.0f')} TFLOP/s (best measured in this run, "
             f"{env.get('matmul_size', '?')}^3); planner entry `--gpu {entry}`; packages: "
@@ -206,8 +206,23 @@ def _loader(results: dict) -> list[str]:
     return [text + "."]
 
 
+def _trace(results: dict) -> list[str]:
+    t = results["steps"].get("trace")
+    if not t or t["status"] != "ok":
+        return []
+    measured = results["steps"].get("fsdp", {}).get("peak_memory_mb")
+    text = (f"Trace (`pijepa plan --trace`, the FSDP run's step on fake tensors on {t['device']}): peak "
+            f"{t['traced_gib']:.2f} GiB traced, {t['planned_gib']:.2f} GiB planned (tensors), peak phase "
+            f"{t['peak_phase']['traced']} / {t['peak_phase']['planned']}")
+    if measured:
+        gib = measured / 1024
+        text += f"; the FSDP run measured {gib:.2f} GiB ({gib / t['traced_gib']:.3f}x the trace)"
+    return [text + "."]
+
+
 def markdown(results: dict) -> str:
-    lines = _header(results) + _trainer_table(results) + [""] + _windows(results) + [""] + _loader(results)
+    lines = (_header(results) + _trainer_table(results) + [""] + _windows(results) + [""] + _loader(results)
+             + _trace(results))
     xf = results.get("env", {}).get("xformers_check")
     if xf:
         checks = "; ".join(f"{c['dtype']} rel. err {c['rel_err']:.1e} ({'pass' if c['pass'] else 'FAIL'})"
