@@ -16,5 +16,31 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-900}"
 TORCHRUN_SIGNALS=(--signals_to_handle "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
 trap '' USR1
+# A rank that dies (a GPU or node failure, an OOM, a watchdog exit) restarts the job from `latest`
+# without a person, up to MAX_RESTARTS times (default 3; 0 disables): torchrun's own
+# --max-restarts, and run_with_restarts below for DeepSpeed's launcher, which has none.
+MAX_RESTARTS="${MAX_RESTARTS:-3}"
+TORCHRUN_RESTARTS=(--max-restarts "$MAX_RESTARTS")
+# Exit codes a restart cannot help: a user error (2), a diverged run (4), a preemption (75: the
+# scheduler requeues the job).
+NO_RESTART_CODES=" 2 4 75 "
+# Runs "$@" again after a failure, MAX_RESTARTS times at most, forwarding SIGTERM, SIGINT and
+# SIGHUP to it (the trainers save on SIGTERM and exit 75); returns its last exit code.
+run_with_restarts() {
+  local attempt=0 code child
+  trap 'kill -TERM "$child" 2>/dev/null' TERM INT HUP
+  while true; do
+    "$@" & child=$!
+    while true; do  # wait returns early when a trapped signal arrives
+      code=0; wait "$child" || code=$?
+      kill -0 "$child" 2>/dev/null || break
+    done
+    if [ "$code" -eq 0 ] || [[ "$NO_RESTART_CODES" == *" $code "* ]] || [ "$attempt" -ge "$MAX_RESTARTS" ]; then
+      return "$code"
+    fi
+    attempt=$((attempt + 1))
+    echo "pijepa: the job exited with code $code; restart $attempt of $MAX_RESTARTS from the latest checkpoint" >&2
+  done
+}
 # Prints the calling script's header comment (its usage) and exits with code 2.
 usage() { sed -n '2,/^set /{/^#/p}' "$0" >&2; exit 2; }

@@ -13,7 +13,9 @@
 #
 # Every node needs the repo at the same path and the run folder (logging.folder) on a shared
 # filesystem. Variables to export to remote nodes go into ~/.deepspeed_env (ssh mode).
-# Relative paths in the arguments (--config, logging.folder, ...) are relative to the repo root.
+# A failed run restarts from `latest`, MAX_RESTARTS times at most (default 3; a user error, a
+# diverged run and a preemption are not restarted). Relative paths in the arguments (--config,
+# logging.folder, ...) are relative to the repo root.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 if [ $# -lt 3 ]; then usage; fi
@@ -21,5 +23,5 @@ HOSTFILE=$(realpath "$1"); MASTER_HOST=$2; PORT=$3; shift 3
 cd "$REPO"
 MODE=()
 if [ -n "${NODE_RANK:-}" ]; then MODE=(--no_ssh --node_rank "$NODE_RANK"); fi
-exec "$(tool deepspeed)" --hostfile "$HOSTFILE" "${MODE[@]}" --master_addr "$MASTER_HOST" \
+run_with_restarts "$(tool deepspeed)" --hostfile "$HOSTFILE" "${MODE[@]}" --master_addr "$MASTER_HOST" \
   --master_port "$PORT" --no_local_rank --module pijepa train "$@"

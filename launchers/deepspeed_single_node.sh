@@ -9,11 +9,13 @@
 # rank comes from the LOCAL_RANK environment variable, which it sets too). Without a GPU, DeepSpeed
 # detects the "cpu" accelerator by itself (with a warning; DS_ACCELERATOR=cpu says it up front),
 # --num_gpus is then the number of processes, and they communicate over gloo.
-# Relative paths in the arguments (--config, logging.folder, ...) are relative to the repo root.
+# A failed run restarts from `latest`, MAX_RESTARTS times at most (default 3; a user error, a
+# diverged run and a preemption are not restarted). Relative paths in the arguments (--config,
+# logging.folder, ...) are relative to the repo root.
 set -euo pipefail
 source "$(dirname "$0")/_common.sh"
 if [ $# -lt 1 ]; then usage; fi
 NUM_GPUS=$1; shift
 cd "$REPO"
-exec "$(tool deepspeed)" --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
+run_with_restarts "$(tool deepspeed)" --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
   --no_local_rank --module pijepa train "$@"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -33,7 +32,7 @@ class DDPStrategy(SingleStrategy):
                                "WORLD_SIZE, MASTER_ADDR, MASTER_PORT); run it under torchrun")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+            dist.init_process_group(backend, timeout=self.cfg.timeout)
 
     def wrap(self, models: JEPAModels) -> JEPAModels:
         models = super().wrap(models)  # AC -> compile, then DDP: the order FSDP uses

@@ -52,7 +52,6 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +160,7 @@ class DeepSpeedStrategy(Strategy):
             # DeepSpeed 0.19 calls these torch collectives on every step; torch warns every time.
             warnings.filterwarnings("ignore", category=FutureWarning,
                                     message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`")
-        deepspeed.init_distributed(verbose=False, timeout=timedelta(minutes=30))
+        deepspeed.init_distributed(verbose=False, timeout=self.cfg.timeout)
         for note in notes:  # rank 0 prints them (pijepa.runtime.log)
             warn(note)
 

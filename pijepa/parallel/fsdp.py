@@ -24,7 +24,6 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +132,7 @@ class FSDPStrategy(Strategy):
         self.device = pick_device(self.local_rank)
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+            dist.init_process_group(backend, timeout=self.cfg.timeout)
         # The mesh is made with the process group, before any model exists (as torchtitan's
         # ParallelDims does): making it reads rank lists back to the host, which a caller that
         # then builds the models on fake tensors (pijepa.rehearsal) could not do in fake mode.

@@ -5,6 +5,7 @@ source of each list of names; bounds are declared with their fields (pijepa.runt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Literal, get_args
 
 from pijepa.runtime.errors import ConfigError
@@ -36,6 +37,16 @@ class DistConfig:
     deepspeed_config: str = "ds_configs/zero2_bf16.json"  # path or packaged name; batch keys come from data.*
     # overrides the JSON's zero_optimization.stage when >= 0
     zero_stage: int = bounded(-1, min=-1, max=3, expected="-1 (use the JSON's stage), 0, 1, 2 or 3")
+    # seconds a collective may wait for the other ranks before it fails (torch's NCCL default)
+    timeout_s: int = bounded(600, min=1)
+    # seconds a phase of the loop (data, step, check, save) may take on a rank before that rank
+    # writes its Python stacks to RUN/hang/ and exits (runtime/watchdog.py); 0 disables. Long enough
+    # for the first step's compilation and a ViT-g checkpoint on a slow shared file system.
+    step_timeout_s: int = bounded(1800, min=0)
+
+    @property
+    def timeout(self) -> timedelta:
+        return timedelta(seconds=self.timeout_s)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 from pijepa.config import Config
 from pijepa.plan.costs.fsdp import NODE_GPUS
 from pijepa.plan.hardware import GiB, GPUSpec
-from pijepa.plan.shapes import MaskTokens
+from pijepa.plan.shapes import MaskTokens, Tokens
 from pijepa.runtime.errors import ConfigError
 from pijepa.runtime.torch_private import CollectiveCounter, CollectiveTally, fake_tensors, fake_world, memory_tracker
 from pijepa.train.auto_batch import resolve_batch_size
@@ -73,11 +73,11 @@ def local_world_size(cfg: Config, gpus: int) -> int:
     return cfg.dist.hybrid_shard_size or min(NODE_GPUS, gpus)
 
 
-def worst_batch(cfg: Config, tokens: MaskTokens) -> tuple[list[tuple[torch.Tensor, ...]], int, int]:
+def worst_batch(cfg: Config, worst: Tokens) -> tuple[list[tuple[torch.Tensor, ...]], int, int]:
     """One micro-batch as the loader hands it over (uint8 crops, labels, context and target masks
-    [M, B, K]) at the longest context and target lengths the config's masks reach."""
+    [M, B, K]) at the longest context and target lengths the config's masks reach. The index
+    values do not matter to fake tensors; the shapes are the collator's."""
     b, size, k = cfg.data.micro_batch, cfg.data.crop_size, cfg.mask
-    worst = tokens.worst(b)
     ctx, tgt = int(worst.ctx), int(worst.tgt)
     grid = (size // k.patch_size) ** 2
     images = torch.zeros(b, 3, size, size, dtype=torch.uint8)
@@ -93,11 +93,12 @@ def trace_run(cfg: Config, gpu: GPUSpec, gpus: int, steps: int = 2, source: str 
         raise ConfigError(f"--trace-steps {steps}: expected 2 or more (the optimizer state exists from step 2)")
     cfg = planned_for(cfg, gpu, gpus)
     per_gpu = (cfg.data.global_batch_size or cfg.data.micro_batch * gpus) // gpus
-    batch, ctx, tgt = worst_batch(cfg, MaskTokens.from_config(cfg, per_gpu))  # the planner's draws
+    worst = MaskTokens.from_config(cfg, per_gpu).worst(cfg.data.micro_batch)  # the planner's draws
     with fake_world(gpus, local_world_size(cfg, gpus)):
         strategy = build_strategy_for(cfg)
         accum = accumulation_steps(cfg, gpus)
         with fake_tensors():
+            batch, ctx, tgt = worst_batch(cfg, worst)  # fake too: a large batch costs nothing
             stepper = TrainStep(cfg, strategy, accum, NOMINAL_STEPS_PER_EPOCH)
             models = stepper.models
             ema = sum(_local_bytes(p) for p in models.target_encoder.parameters())

@@ -17,6 +17,7 @@ from pijepa.runtime.errors import DataError, NonFiniteError
 from pijepa.runtime.log import console, warn
 from pijepa.runtime.memory import peak_memory_mb
 from pijepa.runtime.signals import PREEMPTED_EXIT_CODE, PreemptionFlag
+from pijepa.runtime.watchdog import StepWatchdog
 from pijepa.train.auto_batch import agree_on_batch, resolve_batch_size
 from pijepa.train.build import (
     accumulation_steps,
@@ -63,9 +64,11 @@ class Trainer:
         self.stepper = TrainStep(cfg, self.strategy, self.accum, self.steps_per_epoch)
         self.models, self.schedules, self.device = self.stepper.models, self.stepper.schedules, self.stepper.device
         self.checkpointer = Checkpointer(self.run_dir, self.strategy, cfg.logging.keep_checkpoints)
+        self.watchdog = StepWatchdog(cfg.dist.step_timeout_s, self.run_dir, rank)
         self.last_checkpoint: Path | None = None
         self.skips, self.skipped_steps = SkipCounter(self.device), 0
         self.start_step = self._restore()
+        self.step = self.start_step  # the step in progress (the next one until the loop starts)
         if self.strategy.is_main:
             dump_config(cfg, self.run_dir / "config.yaml")
         self.metrics = MetricsLogger(self.run_dir, self.strategy.is_main, cfg.logging.tensorboard)
@@ -121,7 +124,9 @@ class Trainer:
             return self._train_loop(preemption)
         finally:
             preemption.uninstall()
-            self.checkpointer.wait()  # an asynchronous save in flight is completed before exit
+            with self.watchdog.phase("save", self.step):
+                self.checkpointer.wait()  # an asynchronous save in flight is completed before exit
+            self.watchdog.close()
             self.metrics.close()
 
     def _train_loop(self, preemption: PreemptionFlag) -> int:
@@ -130,23 +135,28 @@ class Trainer:
                   unit="step", dynamic_ncols=True) as bar:
             batches = iter(self.loader)
             self._t_log, self._last_log = time.perf_counter(), self.start_step
+            watch = self.watchdog.phase  # a phase that outlasts dist.step_timeout_s ends this rank
             for step in range(self.start_step, self.total_steps):
                 self.step = step
-                micro_batches = [next(batches) for _ in range(self.accum)]
-                loss, parts, grad_norm, applied = self.train_step(micro_batches)
+                with watch("data", step):
+                    micro_batches = [next(batches) for _ in range(self.accum)]
+                with watch("step", step):
+                    loss, parts, grad_norm, applied = self.train_step(micro_batches)
                 done = step + 1
                 bar.update(1)
                 self.skips.add(applied)
                 saving = done % self.cfg.logging.checkpoint_freq == 0 or done == self.total_steps
                 # The host reads the device and asks every rank only at check points, not every step.
                 check = saving or self._is_log_step(done) or done % self.cfg.logging.check_freq == 0
-                if check:
-                    self._check_skips(done, loss, parts)
-                self._log(done, micro_batches, loss, parts, grad_norm, bar)
-                preempted = check and s.any_rank(preemption.requested)
-                self.checkpointer.poll()  # an async save in flight is completed once every rank wrote it
+                with watch("check", step):
+                    if check:
+                        self._check_skips(done, loss, parts)
+                    self._log(done, micro_batches, loss, parts, grad_norm, bar)
+                    preempted = check and s.any_rank(preemption.requested)
+                    self.checkpointer.poll()  # an async save in flight is completed once every rank wrote it
                 if saving or preempted:
-                    self._save(done)
+                    with watch("save", step):
+                        self._save(done)
                 if preempted:
                     if s.is_main:
                         console(f"preempted ({preemption.signal_name or 'signal on another rank'}): saved "

@@ -330,8 +330,10 @@ def test_communication_volumes() -> None:
     ring = (n - 1) / n
     assert C.communication_bytes(s, "single", 1, 1, True).total == 0
     assert C.communication_bytes(s, "ddp", n, 4, True).all_reduce == pytest.approx(2 * ring * 4 * psi)
-    # Without accumulation: forward, backward (full only) and the target's forward, per step.
-    assert C.communication_bytes(s, "fsdp_full", n, 1, True).all_gather == pytest.approx(ring * 2 * (2 * p + pe))
+    # Without accumulation: forward, backward (full only: the blocks; the roots stay gathered) and
+    # the target's forward, per step (traced: tests/unit/test_rehearsal.py).
+    blocks = 2 * 2 * 40  # two towers of two 40-parameter blocks
+    assert C.communication_bytes(s, "fsdp_full", n, 1, True).all_gather == pytest.approx(ring * 2 * (p + blocks + pe))
     assert C.communication_bytes(s, "fsdp_grad_op", n, 1, True).all_gather == pytest.approx(ring * 2 * (p + pe))
     # With 3 micro-steps (issue 17): encoder + predictor gathered once, kept across the micro-steps;
     # the target's forward gathers in each. The gradients are reduce-scattered once.
@@ -340,14 +342,21 @@ def test_communication_volumes() -> None:
         assert accumulating.all_gather == pytest.approx(ring * 2 * (p + 3 * pe))
         assert accumulating.reduce_scatter == pytest.approx(ring * 4 * psi)  # once per step
     z2 = C.communication_bytes(s, "zero2", n, 3, True)
-    # Gradients reduced in fp32 (communication_data_type, issue 15; was bf16: 3 * ring * 2 * psi);
+    # Gradients reduced in fp32 (communication_data_type) by one all-reduce per bucket and micro-step
+    # (DeepSpeed's multi-rank bucket all-reduce: tests/distributed/test_collectives.py counts it);
     # the bf16 EMA all-reduces the encoder's fp32 master weights (990 trained elements) every step.
-    assert z2.reduce_scatter == pytest.approx(3 * ring * 4 * psi) and z2.all_gather == pytest.approx(ring * 2 * p)
-    assert z2.all_reduce == pytest.approx(2 * ring * 4 * 990)
-    assert C.communication_bytes(s, "zero2", n, 3, False).all_reduce == 0  # fp32: the module is the master
-    assert C.communication_bytes(s, "zero3", n, 3, True).all_reduce == 0  # the master partitions are local
-    bf16_reduction = C.ZeroCost(2, ds=C.DSSettings(fp32_reduction=False))
+    assert z2.reduce_scatter == 0 and z2.all_gather == pytest.approx(ring * 2 * p)
+    assert z2.all_reduce == pytest.approx(3 * 2 * ring * 4 * psi + 2 * ring * 4 * 990)
+    assert C.communication_bytes(s, "zero2", n, 3, False).all_reduce == pytest.approx(3 * 2 * ring * 4 * psi)
+    z3 = C.communication_bytes(s, "zero3", n, 3, True)
+    assert z3.all_reduce == 0  # the master partitions are local
+    # the model gathered once per micro-step (kept for backward within DeepSpeed's reuse limits)
+    assert z3.all_gather == pytest.approx(3 * ring * (2 * p + 4 * pe))
+    assert z3.reduce_scatter == pytest.approx(3 * ring * 4 * psi)
+    bf16_reduction = C.ZeroCost(2, ds=C.DSSettings(fp32_reduction=False, bucket_allreduce=False))
     assert bf16_reduction.communication(s, n, n, 3, True).reduce_scatter == pytest.approx(3 * ring * 2 * psi)
+    regather = C.ZeroCost(3, ds=C.DSSettings(max_live_parameters=100))
+    assert regather.communication(s, n, n, 3, True).all_gather == pytest.approx(3 * ring * (2 * 2 * p + 4 * pe))
 
 
 def test_checkpointing_orders_memory() -> None:

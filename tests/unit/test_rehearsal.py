@@ -10,6 +10,7 @@ import os
 import pytest
 import torch.distributed as dist
 
+from pijepa.cli import main
 from pijepa.config import load_config
 from pijepa.plan.hardware import GPUS, GiB
 from pijepa.rehearsal import rehearse
@@ -70,16 +71,18 @@ def test_deepspeed_is_refused_in_one_line() -> None:
         rehearse(cfg, GPUS["a100-80gb"], 16, source="cpu_default")
 
 
-def test_a_run_that_does_not_fit_exits_2_with_one_line() -> None:
+def test_a_run_that_does_not_fit_exits_2_with_one_line(capsys) -> None:
     # Fake tensors cost nothing: a tiny model at micro-batch 8192 and 224 px needs more than 40 GiB.
     big = ["meta.model_name=vit_tiny", "data.crop_size=224", "mask.patch_size=16", "data.batch_size=8192",
            "meta.pred_depth=2", "meta.pred_emb_dim=48", "dist.strategy=fsdp", "meta.use_bfloat16=true"]
-    r = run_cli("plan", "--config", "cpu_default", *[a for s in big for a in ("--set", s)], "--gpus", "4",
-                "--gpu", "a100-40gb", "--trace")
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "does not fit the 40.0 GiB of a A100-SXM4-40GB" in lines[0], r.stderr
-    assert "traced" in r.stdout and "does NOT fit" in r.stdout  # the report comes first
+    code = main(["plan", "--config", "cpu_default", *[a for s in big for a in ("--set", s)], "--gpus", "4",
+                 "--gpu", "a100-40gb", "--trace"])
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "does not fit the 40.0 GiB of a A100-SXM4-40GB" in lines[0], err
+    assert lines[0].startswith("pijepa plan: error: the traced peak per rank")
+    assert "traced" in out and "does NOT fit" in out  # the report comes first
 
 
 @pytest.mark.slow
@@ -98,11 +101,12 @@ def test_vith14_recipe_traced_on_16_ranks() -> None:
 def test_auto_batch_and_loss_path_are_chosen_as_on_the_gpus() -> None:
     """`data.batch_size: auto` takes the GPU's whole memory as the budget, as `pijepa plan` does for
     the configured row; `fused_loss: auto` takes CUDA's choice whatever device traces."""
-    from pijepa.plan.planner import make_plan
+    from pijepa.plan.planner import build_context, configured_row
     from pijepa.rehearsal.trace import planned_for
 
     cfg = load_config("in22k_vith14_ep66", ["data.batch_size=auto"])
     chosen = planned_for(cfg, GPUS["a100-40gb"], 8)  # 256 images per GPU: not all at once in 40 GB
-    assert chosen.data.micro_batch == make_plan(cfg, "a100-40gb", 8)["configured"]["micro_batch"] < 256
+    planned = configured_row(build_context(cfg, "a100-40gb", 8, 0.4, None), cfg, "fsdp_full", 8)
+    assert chosen.data.micro_batch == planned["micro_batch"] < 256
     tiny = load_config(REPO / "configs/cpu_default.yaml", TINY_FSDP)
     assert tiny.optimization.fused_loss == "auto" and planned_for(tiny, GPUS["a100-80gb"], 4).optimization.fused_loss
