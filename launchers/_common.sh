@@ -21,9 +21,10 @@ trap '' USR1
 # --max-restarts, and run_with_restarts below for DeepSpeed's launcher, which has none.
 MAX_RESTARTS="${MAX_RESTARTS:-3}"
 TORCHRUN_RESTARTS=(--max-restarts "$MAX_RESTARTS")
-# Exit codes a restart cannot help: a user error (2), a diverged run (4), a preemption (75: the
+# Exit codes a restart cannot help: a user error (2), a diverged run (4), a failed checkpoint write
+# (74: a full disk stays full), a preemption (75: the
 # scheduler requeues the job).
-NO_RESTART_CODES=" 2 4 75 "
+NO_RESTART_CODES=" 2 4 74 75 "
 # Runs "$@" again after a failure, MAX_RESTARTS times at most, forwarding SIGTERM, SIGINT and
 # SIGHUP to it (the trainers save on SIGTERM and exit 75); returns its last exit code.
 run_with_restarts() {

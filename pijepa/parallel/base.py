@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from pijepa.runtime.errors import CheckpointWriteError, write_error
 
 
 @dataclass
@@ -194,6 +196,24 @@ class Strategy(ABC):
     @abstractmethod
     def load(self, folder: Path) -> dict[str, Any]:
         """Restores what `save` wrote; returns `extra`."""
+
+    def agree_on_write(self, folder: Path, write: Callable[[], Any]) -> Any:
+        """Runs this rank's part of a save; then every rank learns, by one all-reduce that also
+        stands for the barrier that followed the writes, whether any rank's write failed (a full
+        disk, a quota, an I/O error), and every rank raises CheckpointWriteError, so that all
+        leave the save together. Other errors keep their traceback."""
+        error: BaseException | None = None
+        result = None
+        try:
+            result = write()
+        except Exception as e:
+            error = write_error(e)
+            if error is None:
+                raise
+        if self.any_rank(error is not None):
+            what = f"{type(error).__name__}: {error}" if error is not None else "a write failed on another rank"
+            raise CheckpointWriteError(f"{folder}: {what}") from error
+        return result
 
     def reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Mean over ranks, for logging (a no-op in one process)."""

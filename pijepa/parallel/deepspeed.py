@@ -334,18 +334,23 @@ class DeepSpeedStrategy(Strategy):
             b.copy_(state[name])
 
     def save(self, folder: Path, extra: dict[str, Any]) -> None:
-        # Every rank writes its ZeRO partitions; DeepSpeed names files relative to `folder`.
-        self.engine.save_checkpoint(str(folder), tag=TAG, client_state={}, save_latest=True)
+        # Every rank writes its ZeRO partitions; DeepSpeed names files relative to `folder`. A write
+        # that fails on some ranks only, inside DeepSpeed's own collectives, ends at dist.timeout_s.
+        self.agree_on_write(folder, lambda: self.engine.save_checkpoint(str(folder), tag=TAG, client_state={},
+                                                                        save_latest=True))
         target = self._full_target_state()
-        if self.is_main:
-            frozen = sorted(canonical_name(n) for n, p in self.engine.module.named_parameters()
-                            if not p.requires_grad)
-            torch.save({"format": FORMAT, "world_size": self.world_size, "zero_stage": self.stage,
-                        "bf16": self.bf16, "optimizer": type(self.engine.optimizer).__name__, "frozen": frozen,
-                        "target_encoder": target, "extra": extra},
-                       folder / STATE_FILE)
-        torch.save(extra["rng"], folder / rng_file(self.rank))
-        self.barrier()
+
+        def write_head() -> None:
+            if self.is_main:
+                frozen = sorted(canonical_name(n) for n, p in self.engine.module.named_parameters()
+                                if not p.requires_grad)
+                torch.save({"format": FORMAT, "world_size": self.world_size, "zero_stage": self.stage,
+                            "bf16": self.bf16, "optimizer": type(self.engine.optimizer).__name__, "frozen": frozen,
+                            "target_encoder": target, "extra": extra},
+                           folder / STATE_FILE)
+            torch.save(extra["rng"], folder / rng_file(self.rank))
+
+        self.agree_on_write(folder, write_head)
 
     def load(self, folder: Path) -> dict[str, Any]:
         folder = Path(folder)

@@ -260,9 +260,13 @@ class FSDPStrategy(Strategy):
     def save(self, folder: Path, extra: dict[str, Any]) -> Future | None:
         self.wait()
         state = self._state_dict()
-        if self.is_main:
-            torch.save({"format": FORMAT, "world_size": self.world_size, "extra": extra}, folder / EXTRA_FILE)
-        torch.save(extra["rng"], folder / rng_file(self.rank))
+
+        def write_head() -> None:
+            if self.is_main:
+                torch.save({"format": FORMAT, "world_size": self.world_size, "extra": extra}, folder / EXTRA_FILE)
+            torch.save(extra["rng"], folder / rng_file(self.rank))
+
+        self.agree_on_write(folder, write_head)  # before DCP's collectives: all ranks go on or none
         if not self.cfg.async_checkpoint:
             dcp.save(state, checkpoint_id=str(folder))
             return None

@@ -82,9 +82,11 @@ class SingleStrategy(Strategy):
         }
 
     def save(self, folder: Path, extra: dict[str, Any]) -> None:
-        if self.is_main:
-            torch.save({"format": FORMAT, **self.state(), "extra": extra}, folder / STATE_FILE)
-        self.barrier()
+        def write() -> None:
+            if self.is_main:
+                torch.save({"format": FORMAT, **self.state(), "extra": extra}, folder / STATE_FILE)
+
+        self.agree_on_write(folder, write)
 
     def load(self, folder: Path) -> dict[str, Any]:
         path = Path(folder) / STATE_FILE

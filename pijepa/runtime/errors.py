@@ -37,6 +37,41 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A checkpoint or encoder file that does not exist (still a FileNotFoundError)."""
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written: the disk is full, a quota is reached, the file system
+    failed. Exit code 74 (EX_IOERR): a restart alone does not help; free space, then rerun."""
+
+    exit_code = 74
+
+
+# errno values of a failed write: no space, quota exceeded, an I/O error, a read-only file system.
+WRITE_ERRNOS = frozenset({28, 122, 5, 30})  # ENOSPC, EDQUOT, EIO, EROFS (Linux)
+# What torch's zip writer and DCP say when the disk fills under them (not an OSError).
+WRITE_FAILURE_TEXT = ("No space left on device", "unexpected pos", "basic_ios::clear", "iostream error",
+                      "failed writing file", "file write failed", "Disk quota exceeded")
+
+
+def write_error(error: BaseException) -> BaseException | None:
+    """The failed write behind `error` (itself, a cause or context, or one of the per-rank failures
+    DCP gathers), or None when `error` is not one."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return e
+        if isinstance(e, RuntimeError) and any(text in str(e) for text in WRITE_FAILURE_TEXT):
+            return e
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+        failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: exception}
+        if isinstance(failures, dict):
+            todo += [x for x in failures.values() if isinstance(x, BaseException)]
+    return None
+
+
 class LaunchError(UserError):
     """A launch that cannot work: a missing launcher environment, a missing optional package."""
 

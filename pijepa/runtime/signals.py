@@ -84,6 +84,10 @@ def stop_workers_at_exit() -> None:
 
 
 def _kill_daemonic_children() -> None:
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        # DataLoader's SIGCHLD handler would report each killed worker as a crash: a second
+        # traceback after the run's own last line. The process is exiting: nothing to report.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()

@@ -21,12 +21,13 @@ folders).
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from pijepa.parallel.formats import (
     unfinished_step_folders,
 )
 from pijepa.runtime.atomic import atomic_write_text
-from pijepa.runtime.errors import CheckpointError, UserError
+from pijepa.runtime.errors import CheckpointError, CheckpointWriteError, UserError, write_error
 from pijepa.runtime.log import warn
 
 # A strategy's load raises a CheckpointError for a checkpoint it cannot use (another architecture,
@@ -57,6 +58,17 @@ from pijepa.runtime.log import warn
 _BUG_ERRORS = (ValueError,)
 # Tests set this to make "killed while a checkpoint is being written" a point they can hit.
 _SAVE_DELAY_S = float(os.environ.get("PIJEPA_TEST_SAVE_DELAY_S", "0"))
+
+
+GiB = 2**30
+
+
+def size_text(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def rng_state() -> dict[str, Any]:
@@ -101,7 +113,11 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.strategy.barrier()
-        self._pending = (self.strategy.save(tmp, extra), tmp, final)
+        try:
+            handle = self.strategy.save(tmp, extra)
+        except Exception as e:
+            self._write_failed(tmp, e)
+        self._pending = (handle, tmp, final)
         if _SAVE_DELAY_S:  # fault injection for the crash tests: widen the written-not-renamed window
             time.sleep(_SAVE_DELAY_S)
         if self._pending[0] is None:  # written synchronously: complete it now
@@ -126,7 +142,10 @@ class Checkpointer:
             return
         (handle, tmp, final), self._pending = self._pending, None
         if handle is not None:
-            handle.result()
+            try:
+                handle.result()
+            except Exception as e:
+                self._write_failed(tmp, e)
         self.strategy.barrier()
         if self.strategy.is_main:
             self._finish(tmp, final)
@@ -140,6 +159,33 @@ class Checkpointer:
         atomic_write_text(self.root / LATEST_FILE, self.complete()[-1].name + "\n")
         for old in self.complete()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+        size, free = folder_bytes(final), shutil.disk_usage(self.root).free
+        if free < size:  # the next save would fill the disk before the oldest one is pruned
+            warn(f"{final}: {size_text(size)} written, {size_text(free)} left on its file system: not "
+                 f"enough for the next checkpoint; free space or lower logging.keep_checkpoints")
+
+    def _write_failed(self, tmp: Path, error: Exception) -> NoReturn:
+        """A failed write (a full disk, a quota, an I/O error) ends the run in one line, on every
+        rank; rank 0 removes the partial `.tmp` at once, so that the disk is usable again, and names
+        the checkpoint to resume from. Any other error keeps its traceback."""
+        failure = write_error(error) or (error if isinstance(error, CheckpointWriteError) else None)
+        if failure is None:
+            raise error
+        # The failed writer's frames hold its open file: freed with them, the partial file's space is.
+        error.__traceback__ = failure.__traceback__ = None
+        gc.collect()
+        if self.strategy.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(self.root).free
+        latest = self.latest()
+        reason = f"{type(failure).__name__}: {str(failure).splitlines()[0][:300]}"
+        if isinstance(failure, RuntimeError):  # torch's zip writer says it without an errno
+            reason += ": the write stopped short (no space left, or an I/O error)"
+        raise CheckpointWriteError(
+            f"{self.root}: writing checkpoint {tmp.name.removesuffix('.tmp')} failed ({reason}); "
+            f"{size_text(free)} free on its file system; the partial {tmp.name} is removed; the last "
+            f"good checkpoint is {latest or 'none'}: free space, then rerun the same command to resume "
+            f"{'from it' if latest else 'from the start'}") from None
 
     def load(self, folder: Path) -> dict[str, Any]:
         """Loads one given checkpoint (meta.read_checkpoint); a checkpoint that cannot be used is a
