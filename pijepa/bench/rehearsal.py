@@ -82,14 +82,16 @@ def run_case(case: Case, gpu: str = "a100-80gb") -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("| case | strategy, AC | mb x acc | traced GiB | planned GiB | ratio | peak phase (traced / planned) "
-            "| AG GB traced / planned | RS GB traced / planned | AR GB traced / planned |")
+    head = ("| recipe | ranks | FSDP, AC | mb x acc | traced GiB | planned GiB | ratio | peak phase | all-gather GB "
+            "| reduce-scatter GB | all-reduce GB |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in rows:
         comm = [_pair(r.get(f"{k}_gb")) for k in ("all_gather", "reduce_scatter", "all_reduce")]
-        lines.append(f"| {r['case']} | {r['strategy']}, {r['ac']} | {r['micro_batch']} x {r['accumulation']} | "
-                     f"{r['traced_gib']:.2f} | {r['planned_gib']:.2f} | {r['ratio']:.3f} | "
-                     f"{r['traced_phase']} / {r['planned_phase']} | " + " | ".join(comm) + " |")
+        phase = (r["traced_phase"] if r["traced_phase"] == r["planned_phase"]
+                 else f"{r['traced_phase']} (planned: {r['planned_phase']})")
+        lines.append(f"| {r['recipe']} | {r['gpus']} | {r['strategy'].removeprefix('fsdp_')}, {r['ac']} | "
+                     f"{r['micro_batch']} x {r['accumulation']} | {r['traced_gib']:.2f} | {r['planned_gib']:.2f} | "
+                     f"{r['ratio']:.3f} | {phase} | " + " | ".join(comm) + " |")
     return "\n".join(lines)
 
 
@@ -97,4 +99,4 @@ def _pair(pair: list[float | None] | None) -> str:
     if not pair or pair[0] is None or (pair[0] < 1e-3 and not pair[1]):
         return "-"
     planned = "-" if pair[1] is None else f"{pair[1]:.2f}"
-    return f"{pair[0]:.2f} / {planned}"
+    return f"{pair[0]:.2f} ({planned})"
