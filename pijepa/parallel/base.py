@@ -10,11 +10,14 @@ The trainer talks to a Strategy and never branches on the engine. A strategy
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +135,41 @@ def ema_update_(target: list[torch.Tensor], online: list[torch.Tensor], momentum
     torch._foreach_lerp_(target, online, 1.0 - momentum)
 
 
+def start_process_group(timeout: timedelta) -> None:
+    """The default process group from the launcher's environment (NCCL on GPUs, gloo on CPUs), once.
+
+    Under torchrun, after a restart (`--max-restarts`), the agent's static rendezvous hands the new
+    ranks the same store as the ranks that died, with their keys still in it: a restarted rank can
+    read a dead rank's address and fail to connect. The group's keys are then prefixed with the
+    restart count, as torch's dynamic rendezvous does by itself."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if not restart:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent hosts it; else rank 0
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent and rank == 0, timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"pijepa/restart{restart}", store), rank=rank,
+                            world_size=world, timeout=timeout)
+
+
 def rng_file(rank: int) -> str:
     """The file of rank `rank`'s RNG states in a checkpoint folder (sharded strategies)."""
     return f"rng_rank{rank}.pt"
+
+
+# What a closed strategy still answers (who it was); everything else is released by `close`.
+_KEPT_AFTER_CLOSE = frozenset({"rank", "world_size", "local_rank", "device"})
+
+
+def _collect_before_shutdown() -> None:
+    """atexit: objects in reference cycles (FSDP's modules and hooks) still holding a process group
+    are collected while the interpreter is whole, not during its shutdown (see Strategy.close)."""
+    gc.collect()
 
 
 class Strategy(ABC):
@@ -148,6 +183,8 @@ class Strategy(ABC):
     builds_on_meta: bool = False
 
     def __init__(self) -> None:
+        atexit.unregister(_collect_before_shutdown)  # once, however many strategies a process makes
+        atexit.register(_collect_before_shutdown)
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -269,5 +306,14 @@ class Strategy(ABC):
             dist.barrier()
 
     def close(self) -> None:
+        """Ends this process's part of the run, in one order on every path (normal end, error,
+        preemption): the process group is destroyed, then everything that still holds it (models,
+        optimizer, engine, mesh, pending work) is released and collected while the interpreter is
+        whole. Left to the interpreter's shutdown, gloo's worker threads free their last tensors
+        after Python is gone, and the process aborts after its work is done ("terminate called
+        without an active exception", exit -6)."""
         if dist.is_initialized():
             dist.destroy_process_group()
+        for name in [n for n in vars(self) if n not in _KEPT_AFTER_CLOSE]:
+            delattr(self, name)
+        gc.collect()

@@ -11,11 +11,9 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from pijepa.parallel.base import JEPAModels
+from pijepa.parallel.base import JEPAModels, start_process_group
 from pijepa.parallel.options import DistConfig
 from pijepa.parallel.single import SingleStrategy
 from pijepa.runtime.errors import LaunchError
@@ -30,9 +28,7 @@ class DDPStrategy(SingleStrategy):
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             raise LaunchError("dist.strategy ddp needs a distributed launch (torchrun sets RANK, "
                                "WORLD_SIZE, MASTER_ADDR, MASTER_PORT); run it under torchrun")
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=self.cfg.timeout)
+        start_process_group(self.cfg.timeout)
 
     def wrap(self, models: JEPAModels) -> JEPAModels:
         models = super().wrap(models)  # AC -> compile, then DDP: the order FSDP uses

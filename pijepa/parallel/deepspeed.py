@@ -66,6 +66,7 @@ from pijepa.parallel.base import (
     param_groups,
     rng_file,
     set_lr_wd,
+    start_process_group,
 )
 from pijepa.parallel.deepspeed_checkpoint import FORMAT, STATE_FILE, TAG, read_head
 from pijepa.parallel.deepspeed_config import (
@@ -160,6 +161,7 @@ class DeepSpeedStrategy(Strategy):
             # DeepSpeed 0.19 calls these torch collectives on every step; torch warns every time.
             warnings.filterwarnings("ignore", category=FutureWarning,
                                     message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`")
+        start_process_group(self.cfg.timeout)  # DeepSpeed takes the group it finds
         deepspeed.init_distributed(verbose=False, timeout=self.cfg.timeout)
         for note in notes:  # rank 0 prints them (pijepa.runtime.log)
             warn(note)

@@ -53,6 +53,7 @@ from pijepa.parallel.base import (
     param_groups,
     rng_file,
     set_lr_wd,
+    start_process_group,
     step_if_finite,
 )
 from pijepa.parallel.formats import written_by
@@ -130,9 +131,7 @@ class FSDPStrategy(Strategy):
                         if self.cfg.fsdp_sharding == "hybrid" else None)
         # The GPU is chosen before NCCL starts, so that its communicators bind to LOCAL_RANK's GPU.
         self.device = pick_device(self.local_rank)
-        if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, timeout=self.cfg.timeout)
+        start_process_group(self.cfg.timeout)
         # The mesh is made with the process group, before any model exists (as torchtitan's
         # ParallelDims does): making it reads rank lists back to the host, which a caller that
         # then builds the models on fake tensors (pijepa.rehearsal) could not do in fake mode.

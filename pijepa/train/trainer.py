@@ -235,6 +235,10 @@ class Trainer:
         return scalars
 
     def close(self) -> None:
+        """Releases the loader (its workers stop), the step and the models, then closes the strategy
+        (the process group last: Strategy.close), the same on every path."""
+        for name in ("loader", "stepper", "models"):
+            self.__dict__.pop(name, None)
         with contextlib.suppress(Exception):
             self.strategy.close()
 

@@ -31,8 +31,7 @@ cfg = load_config(REPO / "configs/cpu_default.yaml", [
     "optimization.max_steps=2", "logging.log_freq=100", "logging.checkpoint_freq=100", "logging.tensorboard=false",
     f"logging.folder={folder}"])
 trainer = Trainer(cfg)
-models = trainer.models
-units = {name: sum(isinstance(m, FSDPModule) for m in getattr(models, name).modules())
+units = {name: sum(isinstance(m, FSDPModule) for m in getattr(trainer.models, name).modules())
          for name in ("encoder", "predictor", "target_encoder")}
 calls.clear()
 step = trainer.train_step

@@ -31,7 +31,7 @@ RUNS = {
     "zero3": ["dist.strategy=deepspeed", "dist.deepspeed_config=zero3_bf16"],
     "fsdp": ["dist.strategy=fsdp"],
 }
-_ports = iter(range(29730, 29760))  # this file's share of the machine's ports
+_ports = iter(range(29970, 29980))  # this file's share of the machine's ports
 
 
 def count(tmp_path: Path, sets: list[str]) -> dict:

@@ -3,7 +3,6 @@
 writes its Python stacks to RUN/hang/rank0.txt, says in one line which phase stalled and exits with
 the watchdog's code; a rerun resumes from `latest`."""
 
-import itertools
 import signal
 import sys
 import time
@@ -11,16 +10,16 @@ import time
 import pytest
 
 from pijepa.runtime.watchdog import HUNG_EXIT_CODE
+from tests.conftest import free_port
 from tests.reliability import clean_env, finish, kill, logged_step, start, train_args, wait_until
 
 STEP_TIMEOUT_S = 8
 SLACK_S = 15  # the watchdog polls every second; the stacks and the line take well under one
-_PORTS = itertools.count(29760)  # 29760-29769 belong to this file
+_PORTS = iter(range(29980, 29985))  # this file's share of the machine's ports
 
 
 def launch(run_dir, *sets):
-    port = next(_PORTS)
-    assert port < 29770
+    port = free_port(_PORTS)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(port),
            *train_args(run_dir, ["dist.strategy=fsdp", f"dist.step_timeout_s={STEP_TIMEOUT_S}",

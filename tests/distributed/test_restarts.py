@@ -4,7 +4,6 @@ from `latest` and the job finishes without a person, its final checkpoint bit-id
 uninterrupted run's. The same restart loop, for DeepSpeed's launcher (run_with_restarts), is
 checked on its exit-code rules."""
 
-import itertools
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import textwrap
 import pytest
 
 from pijepa.parallel.fsdp import read_full_state
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.reliability import (
     KILL_SETS,
     assert_same_weights,
@@ -26,12 +25,11 @@ from tests.reliability import (
 )
 
 STEPS = 24
-_PORTS = itertools.count(29770)  # 29770-29779 belong to this file
+_PORTS = iter(range(29985, 29990))  # this file's share of the machine's ports
 
 
 def launcher(run_dir, restarts: int):
-    port = next(_PORTS)
-    assert port < 29780
+    port = free_port(_PORTS)
     args = train_args(run_dir, ["dist.strategy=fsdp"])[3:]  # after `-m pijepa train`
     env = {**clean_env(threads=1), "MASTER_PORT": str(port), "MAX_RESTARTS": str(restarts)}
     return start([str(REPO / "launchers/torchrun_single_node.sh"), "2", *args], env)

@@ -3,24 +3,23 @@ tests/faults.py) ends the run on every rank with one line and exit code 74, the 
 removed and the last good checkpoint named; rerun without the fault, the run resumes from it.
 FSDP (DCP, synchronous and asynchronous saves) and DeepSpeed ZeRO-2."""
 
-import itertools
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
 from tests.reliability import clean_env, finish, start, train_args
 
-_PORTS = itertools.count(29780)  # 29780-29789 belong to this file
+_PORTS = iter(range(29990, 30000))  # this file's share of the machine's ports
 DEEPSPEED = ["dist.strategy=deepspeed", "dist.deepspeed_config=ds_configs/zero2_fp32.json"]
 CASES = {"fsdp": ["dist.strategy=fsdp"], "fsdp-async": ["dist.strategy=fsdp", "dist.async_checkpoint=true"],
          "zero2": DEEPSPEED}
 
 
 def launch(run_dir: Path, sets: list[str], fault_step: int | None):
-    port = next(_PORTS)
-    assert port < 29790
+    port = free_port(_PORTS)
     module = ["-m", "tests.faults"] if fault_step else ["-m", "pijepa"]
     args = train_args(run_dir, [*sets, "optimization.max_steps=6"])[3:]  # after `-m pijepa train`
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
