@@ -1,4 +1,4 @@
-"""What a log step measures besides the loss (issue 16): how hard each loss term pushes the
+"""What a log step measures besides the loss: how hard each loss term pushes the
 predictions, and whether the target's features collapse.
 
 - `grad_l2`, `grad_pkt`: the norm of each weighted loss term's gradient with respect to the

@@ -1,5 +1,5 @@
 """FSDP2 with gradient accumulation gathers the encoder's and predictor's parameters once per
-optimizer step, not in every micro-step (issue 17), and still trains exactly: 2 ranks x 2 micro-steps
+optimizer step, not in every micro-step, and still trains exactly: 2 ranks x 2 micro-steps
 follow the single process with the same micro-batches."""
 
 import json

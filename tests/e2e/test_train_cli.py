@@ -76,7 +76,7 @@ def test_help_lists_commands():
 
 @pytest.mark.slow
 def test_log_steps_show_what_pkt_does_and_whether_the_target_collapses(tmp_path):
-    """Issue 16: every log step writes each loss term's gradient norm on the predictions, PKT's
+    """Every log step writes each loss term's gradient norm on the predictions, PKT's
     share of it, and the target's spread and effective rank, to the CSV and to TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

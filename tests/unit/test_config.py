@@ -288,7 +288,7 @@ def test_every_field_of_the_defaults_is_within_its_bounds():
 
 
 def test_fused_loss_auto_picks_the_faster_path_per_device():
-    """Issue 17: the fused loss is 0.79x the plain path on CPU for chunk and block grouping, 21.6x
+    """The fused loss is 0.79x the plain path on CPU for chunk and block grouping, 21.6x
     faster for image grouping, 25-127x faster on a GPU (`pijepa bench loss`)."""
     import torch
 

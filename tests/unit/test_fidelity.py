@@ -1,4 +1,4 @@
-"""pijepa trains like I-JEPA's reference code by default (issue 16): each rule below is written
+"""pijepa trains like I-JEPA's reference code by default: each rule below is written
 from the reference's behaviour, not imported from it."""
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """benchmarks/gpu/gpu_trainer_check.py without a GPU: its report helpers on made-up inputs, and its CPU
 smoke mode end to end (the same steps, children and parsing as on the GPU, at toy sizes), so the
-script a GPU session runs as one prepared command is known to work before that session has one.
+script, run as one prepared command on a machine with one CUDA GPU, is known to work before it
+runs there.
 No test needs a GPU, DeepSpeed or xformers."""
 
 from __future__ import annotations

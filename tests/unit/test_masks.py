@@ -36,7 +36,7 @@ def test_mask_invariants(input_size: int, patch: int, placement: str) -> None:
     col = MultiBlockMaskCollator(input_size, patch, placement=placement)
     height, width = col.grid
     num = height * width
-    # Sizes are the original's for both placements (issue 16): below the grid's extent.
+    # Sizes are the original's for both placements: below the grid's extent.
     limit_h, limit_w = max(height - 1, 1), max(width - 1, 1)
     relaxed = 0
     for _, blocks, (enc, pred) in _batches(col):

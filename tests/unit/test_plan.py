@@ -335,7 +335,7 @@ def test_communication_volumes() -> None:
     blocks = 2 * 2 * 40  # two towers of two 40-parameter blocks
     assert C.communication_bytes(s, "fsdp_full", n, 1, True).all_gather == pytest.approx(ring * 2 * (p + blocks + pe))
     assert C.communication_bytes(s, "fsdp_grad_op", n, 1, True).all_gather == pytest.approx(ring * 2 * (p + pe))
-    # With 3 micro-steps (issue 17): encoder + predictor gathered once, kept across the micro-steps;
+    # With 3 micro-steps: encoder + predictor gathered once, kept across the micro-steps;
     # the target's forward gathers in each. The gradients are reduce-scattered once.
     for sharding in ("full", "grad_op"):
         accumulating = C.communication_bytes(s, f"fsdp_{sharding}", n, 3, True)
@@ -412,7 +412,7 @@ def test_recipes_reach_batch_2048_on_16_a100_80gb(recipe_plans, path: str) -> No
 
 @pytest.mark.parametrize("path", ["configs/in22k_vith14_ep66.yaml", "configs/in22k_vitg16_ep44.yaml"])
 def test_in22k_recipes_run_at_the_planned_micro_batch_without_accumulation(recipe_plans, path: str) -> None:
-    """Issue 17: the recipes use the micro-batch the planner picks for their strategy on 16 x
+    """The recipes use the micro-batch the planner picks for their strategy on 16 x
     A100-80GB, with accumulation x1 (no re-gathered parameters, no unsharded gradients kept)."""
     plan = recipe_plans[path]
     configured = plan["configured"]

@@ -1,5 +1,5 @@
-"""Activation checkpointing and compile are applied by the single-process strategy too (issue 15
-item 3: the config accepts them for every strategy, so none may ignore them)."""
+"""Activation checkpointing and compile are applied by the single-process strategy too (the config
+accepts them for every strategy, so none may ignore them)."""
 
 from __future__ import annotations
 

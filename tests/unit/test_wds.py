@@ -80,7 +80,7 @@ def test_batches_are_uint8_crops_with_labels_and_masks(shards_dir):
     batches = take(make_loader(str(shards_dir), *FINITE, "data.num_workers=0"), 3)
     collator = build_collator(make_cfg(str(shards_dir), *FINITE))
     for (images, labels, masks_enc, masks_pred), info in batches:
-        # uint8 crops (issue 17): the trainer normalises them on its device
+        # uint8 crops: the trainer normalises them on its device
         assert images.shape == (10, 3, 32, 32) and images.dtype == torch.uint8
         normed = normalize_batch(images)
         assert normed.min() < -0.5 and normed.max() > 0.5 and abs(float(normed.mean())) < 1.5  # ImageNet-normalised
