@@ -76,3 +76,35 @@ def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.skip(f"real image data not found at {DATA}")
     return DATA
+
+
+# ---------------------------------------------------------------- the suite's disk
+#
+# A passing test's tmp_path is removed when it ends (pytest.ini: tmp_path_retention_policy). The
+# folders a module's fixtures make with tmp_path_factory (shared run folders, shards) would stay
+# until the session ends and add up to many GB; they are removed once the module is done, unless
+# one of its tests failed (then they stay for inspection).
+
+_FAILED_MODULES: set[str] = set()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        _FAILED_MODULES.add(item.module.__name__)
+    return report
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_module_folders(request, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    if request.module.__name__ in _FAILED_MODULES:
+        return
+    import shutil
+
+    for path in set(base.iterdir()) - before:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
