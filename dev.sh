@@ -14,7 +14,7 @@ ensure_venv() {
     [ -x .venv/bin/python ] || python3 -m venv .venv
     .venv/bin/python -m pip install --quiet --upgrade pip
     # torch/torchvision are pinned in setup.py; this machine's pip finds them on local disk.
-    .venv/bin/python -m pip install --quiet -e ".[dev,deepspeed]"
+    .venv/bin/python -m pip install --quiet -e ".[dev,deepspeed,interop]"
     echo "$want" > "$stamp"
   fi
 }

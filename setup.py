@@ -24,10 +24,14 @@ setup(
         "tensorboard",
         "webdataset>=1.0",
         "matplotlib",
+        # the files `pijepa export --format timm | hf` writes
+        "safetensors",
     ],
     extras_require={
         "deepspeed": ["deepspeed==0.19.8"],
         "xformers": ["xformers"],
+        # the libraries the exports are tested in (tests/e2e/test_interop.py), pinned: their names change
+        "interop": ["timm==1.0.31", "transformers==5.25.0"],
         # ruff and mypy pinned: the test suite runs them, and a new release may add checks.
         # psutil: the crash tests and the soak watch processes.
         "dev": ["pytest", "ruff==0.17.6", "mypy==2.4.1", "types-PyYAML", "psutil"],

@@ -1,6 +1,8 @@
 """Loading a pretrained encoder from an official I-JEPA checkpoint or one of ours.
 
-Accepted files (``torch.load(..., weights_only=True)``), both dicts holding state dicts:
+Accepted: a transformers IJepaModel folder (``config.json`` + ``model.safetensors``: ours, or the
+published I-JEPA models from the hub), a timm ``.safetensors`` file (timm's names are pijepa's),
+and these files (``torch.load(..., weights_only=True)``), both dicts holding state dicts:
 
 - official I-JEPA ``.pth.tar``: ``encoder``, ``predictor``, ``target_encoder``, ``opt``, ``epoch``, ...
   with every parameter name prefixed ``module.`` (the models were DDP-wrapped when saved);
@@ -17,6 +19,7 @@ CheckpointError naming the path (one line from the CLI).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 
 from pijepa.models.attention import resolve_attn_backend
+from pijepa.models.interop import config_from_hf, from_hf_state_dict
 from pijepa.models.vit import VIT_SIZES, VisionTransformer, canonical_model_name
 from pijepa.runtime.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 
@@ -179,6 +183,58 @@ def _check_shapes(encoder: VisionTransformer, state: Mapping[str, torch.Tensor],
         )
 
 
+def read_encoder_weights(path: str, which: str = "target") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(pijepa-named encoder state dict, VisionTransformer arguments) of any file an encoder comes
+    in: an official I-JEPA `.pth.tar`, a pijepa checkpoint or export, a Hugging Face folder
+    (`pijepa export --format hf`, or an I-JEPA model from the hub) or a timm safetensors file. A
+    one-encoder file holds what it holds: `which` applies to the files that hold both."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return _read_hf(path)
+    if path.endswith(".safetensors"):
+        return _read_timm(path)
+    checkpoint = read_checkpoint(path)
+    state = encoder_state_dict(checkpoint, which, path)
+    model_entry = find_model_entry(checkpoint)
+    if model_entry is not None:
+        return state, config_from_model_entry(model_entry, path)
+    return state, infer_encoder_config(state, path)
+
+
+def _safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"encoder file not found: {path}")
+    try:
+        return load_file(path)
+    except Exception as error:  # a truncated or foreign file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({describe_load_error(error)})") from None
+
+
+def _read_hf(folder: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    config_file = os.path.join(folder, "config.json")
+    config = json.loads(open(config_file).read())
+    if config.get("model_type") != "ijepa":
+        raise CheckpointError(f"{config_file}: model_type {config.get('model_type')!r}, expected 'ijepa' "
+                              f"(a transformers IJepaModel folder)")
+    tensors = _safetensors(os.path.join(folder, "model.safetensors"))
+    tensors = {name.removeprefix("ijepa."): t for name, t in tensors.items()}  # a classification model's backbone
+    try:
+        return from_hf_state_dict(tensors), config_from_hf(config)
+    except KeyError as missing:
+        raise CheckpointError(f"{folder}: model.safetensors lacks {missing}; not an IJepaModel's weights") from None
+
+
+def _read_timm(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = _safetensors(path)
+    config = infer_encoder_config(state, path)
+    sidecar = path + ".json"  # pijepa's timm export: its heads and sizes, when the shapes do not tell
+    if os.path.isfile(sidecar):
+        args = json.loads(open(sidecar).read()).get("model_args", {})
+        config.update({k: args[k] for k in ("img_size", "num_heads", "depth", "mlp_ratio") if k in args})
+    return state, config
+
+
 def load_encoder(
     path: str | os.PathLike,
     which: str = "target",
@@ -192,13 +248,7 @@ def load_encoder(
     it, so a ViT-g costs one copy of its weights, not two, and no random initialisation.
     """
     path = os.fspath(path)
-    checkpoint = read_checkpoint(path)
-    state = encoder_state_dict(checkpoint, which, path)
-    model_entry = find_model_entry(checkpoint)
-    if model_entry is not None:
-        config = config_from_model_entry(model_entry, path)
-    else:
-        config = infer_encoder_config(state, path)
+    state, config = read_encoder_weights(path, which)
     attn_backend = resolve_attn_backend(attn_backend)  # an unknown name is the caller's error, not the file's
     try:
         with torch.device("meta"):

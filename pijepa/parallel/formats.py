@@ -175,17 +175,28 @@ def plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_encoder(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
-    """Consolidates one checkpoint of `run_dir` into `out`; returns a short summary."""
+def export_encoder(run_dir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
+                   fmt: str = "pijepa", which: str = "target") -> dict[str, Any]:
+    """Consolidates one checkpoint of `run_dir` into `out` (pijepa's file, or one encoder for timm or
+    transformers: parallel/exports.py); returns a short summary."""
+    from pijepa.parallel.exports import write_hf, write_timm
+
     folder = find_checkpoint(Path(run_dir), step)
-    fmt, state = read_full_state(folder)
+    source, state = read_full_state(folder)
     extra = state["extra"]
     result: dict[str, Any] = {"format": ENCODER_FORMAT}
     if isinstance(extra.get("model"), dict):
         result["model"] = dict(extra["model"])
+    if isinstance(extra.get("config"), dict):
+        result["config"] = dict(extra["config"])  # the run's pijepa config
     result["step"] = int(extra.get("step", step_of(folder)))
     for part in PARTS:
         result[part] = plain_state_dict(state[part])
-    atomic_torch_save(out, result)  # never leaves a half-written file under the final name
-    return {"checkpoint": str(folder), "source_format": fmt.name, "step": result["step"],
-            **{part: len(result[part]) for part in PARTS}}
+    if fmt == "timm":
+        write_timm(Path(out), result, which, str(folder))
+    elif fmt == "hf":
+        write_hf(Path(out), result, which, str(folder))
+    else:
+        atomic_torch_save(out, result)  # never leaves a half-written file under the final name
+    return {"checkpoint": str(folder), "source_format": source.name, "step": result["step"], "format": fmt,
+            "which": which if fmt != "pijepa" else "both", **{part: len(result[part]) for part in PARTS}}
